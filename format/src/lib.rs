@@ -1,0 +1,9 @@
+//! `imgformat`: the contract between `imgbuild` (which writes disks, channels and deltas)
+//! and `imgupdate` (which reads them on a node).
+//!
+//! This crate owns types and constants only. It must never do I/O policy, networking or
+//! anything a node and a builder could disagree on at run time.
+
+pub mod layout;
+
+pub use layout::{PartitionRole, Slot};
