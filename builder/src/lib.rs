@@ -2,4 +2,6 @@
 //!
 //! The binary is thin: `main.rs` parses arguments and calls one function per verb.
 
+pub mod compose;
+pub mod progress;
 pub mod recipe;

@@ -144,6 +144,8 @@ struct RawBase {
     packages: Vec<Spanned<String>>,
     #[serde(default)]
     docs: Option<bool>,
+    #[serde(default)]
+    recommends: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,6 +259,8 @@ pub struct Base {
     pub packages: Vec<String>,
     /// Keep /usr/share/doc, man pages and locales (default: drop them).
     pub docs: bool,
+    /// Install recommended packages too (default: no, as for a server image).
+    pub recommends: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,7 +336,8 @@ pub const MIB: u64 = 1024 * 1024;
 pub const DEFAULT_ESP_SIZE: u64 = 256 * MIB;
 pub const DEFAULT_ROOT_SIZE: u64 = 1024 * MIB;
 pub const DEFAULT_VAR_SIZE: u64 = 512 * MIB;
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0,115200 console=tty0";
+/// The last `console=` becomes /dev/console, where the boot report is printed.
+pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200";
 
 impl Recipe {
     /// Read and validate a recipe file.
@@ -577,6 +582,7 @@ impl Validator<'_> {
             components,
             packages,
             docs: raw.docs.unwrap_or(false),
+            recommends: raw.recommends.unwrap_or(false),
         })
     }
 
