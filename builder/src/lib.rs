@@ -2,6 +2,8 @@
 //!
 //! The binary is thin: `main.rs` parses arguments and calls one function per verb.
 
+pub mod build;
+pub mod cli;
 pub mod compose;
 pub mod progress;
 pub mod recipe;
