@@ -440,6 +440,16 @@ PARTLABEL=esp  /efi  vfat  umask=0077,noauto,x-systemd.automount,x-systemd.idle-
 tmpfs          /tmp  tmpfs defaults,nodev,nosuid,mode=1777  0  0
 ";
 
+/// systemd-repart grows the `var` partition into the free space after it on first boot
+/// (a disk larger than the image); `x-systemd.growfs` in fstab then grows the filesystem.
+/// Partitions without a definition here (ESP, root slots) are left alone.
+pub const REPART_VAR: &str = "\
+# Written by imgbuild: grow the var partition to fill the disk.
+[Partition]
+Type=var
+Label=var
+";
+
 /// Prints, once boot has finished, what the tests and `imgbuild run` read: system state,
 /// failed units, where / came from, the version. Between `imgbuild-report:` markers.
 pub const BOOT_REPORT_SCRIPT: &str = r#"#!/bin/sh
@@ -450,11 +460,14 @@ failed=$(systemctl list-units --state=failed --no-legend --plain 2>/dev/null | a
 src=$(findmnt -n -o SOURCE /)
 opts=$(findmnt -n -o OPTIONS /)
 label=$(lsblk -n -o PARTLABEL "$src" 2>/dev/null)
+var_mib=$(df -B1M --output=size /var 2>/dev/null | tail -n 1 | tr -d ' ')
+var_src=$(findmnt -n -o SOURCE /var)
 . /etc/os-release
 echo "imgbuild-report: begin"
 echo "imgbuild-report: state=$state"
 echo "imgbuild-report: failed=$failed"
 echo "imgbuild-report: root=$src partlabel=$label options=$opts"
+echo "imgbuild-report: var=$var_src var_mib=$var_mib"
 echo "imgbuild-report: image=$IMAGE_ID version=$IMAGE_VERSION kernel=$(uname -r)"
 echo "imgbuild-report: end"
 "#;
@@ -517,6 +530,7 @@ fn configure(recipe: &Recipe, root: &Path, log: &Path) -> Result<()> {
         0o644,
     )?;
     write_image_file(root, "/etc/fstab", FSTAB.as_bytes(), 0o644)?;
+    write_image_file(root, "/usr/lib/repart.d/50-var.conf", REPART_VAR.as_bytes(), 0o644)?;
     for dir in ["efi", "var", "tmp"] {
         fs::create_dir_all(root.join(dir))
             .with_context(|| format!("creating /{dir} in the image"))?;
