@@ -413,7 +413,8 @@ mod tests {
     #[test]
     fn garbage_entry_names_are_rejected_with_a_reason() {
         use EntryNameError as E;
-        let table: [(&str, fn(String) -> EntryNameError); 16] = [
+        type Case = (&'static str, fn(String) -> EntryNameError);
+        let table: [Case; 16] = [
             ("imgbuild-a", E::NotConf),
             ("imgbuild-a.conf.bak", E::NotConf),
             ("imgbuild-a.CONF", E::NotConf),
