@@ -2,4 +2,5 @@
 //!
 //! The binary is thin: `main.rs` parses arguments and calls one function per verb.
 
+pub mod esp;
 pub mod filesystem;
