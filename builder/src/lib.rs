@@ -2,5 +2,6 @@
 //!
 //! The binary is thin: `main.rs` parses arguments and calls one function per verb.
 
+pub mod disk;
 pub mod esp;
 pub mod filesystem;
