@@ -173,7 +173,99 @@ pub fn write_esp<F: Read + Write + Seek>(
         }
     }
     fs.unmount().context("closing the ESP")?;
+    fix_dot_entries(&mut partition).context("repairing directory dot entries")?;
     partition.flush().context("flushing the ESP")?;
+    Ok(())
+}
+
+/// Repair what `fatfs` 0.3.6 gets wrong in every directory it creates.
+///
+/// It writes a long-name (LFN) entry before the `.` and `..` entries, so they are not the
+/// first two slots of the directory as FAT requires (fsck.fat "Expected a valid '.'
+/// entry in this slot"), and it points `..` of a top-level directory at the root cluster
+/// instead of 0. We walk the tree from the root directory and rewrite the first four
+/// slots of each directory as `.`, `..`, free, free. Directories written by anything
+/// else already start with `.` and are left alone.
+fn fix_dot_entries<F: Read + Write + Seek>(disk: &mut F) -> Result<()> {
+    const SLOT: usize = 32;
+    const ATTR_LFN: u8 = 0x0F;
+    const ATTR_DIR: u8 = 0x10;
+    const ATTR_VOLUME: u8 = 0x08;
+    let mut boot = [0u8; 512];
+    disk.seek(SeekFrom::Start(0))?;
+    disk.read_exact(&mut boot)?;
+    let u16_at = |o: usize| u64::from(u16::from_le_bytes([boot[o], boot[o + 1]]));
+    let u32_at = |o: usize| u32::from_le_bytes([boot[o], boot[o + 1], boot[o + 2], boot[o + 3]]);
+    let sector = u16_at(11);
+    let cluster_size = sector * u64::from(boot[13]);
+    let fat_offset = u16_at(14) * sector;
+    let data_offset = fat_offset + u64::from(boot[16]) * u64::from(u32_at(36)) * sector;
+    let root_cluster = u32_at(44);
+    let cluster_offset = |c: u32| data_offset + u64::from(c - 2) * cluster_size;
+
+    let mut pending = vec![(root_cluster, true)];
+    let mut visited = 0usize;
+    while let Some((first, is_root)) = pending.pop() {
+        visited += 1;
+        if visited > 65_536 {
+            bail!("directory tree too deep or looping");
+        }
+        // Read the directory's whole cluster chain.
+        let mut data = Vec::new();
+        let mut cluster = first;
+        for _ in 0..65_536 {
+            let start = data.len();
+            data.resize(start + cluster_size as usize, 0);
+            disk.seek(SeekFrom::Start(cluster_offset(cluster)))?;
+            disk.read_exact(&mut data[start..])?;
+            let mut next = [0u8; 4];
+            disk.seek(SeekFrom::Start(fat_offset + 4 * u64::from(cluster)))?;
+            disk.read_exact(&mut next)?;
+            cluster = u32::from_le_bytes(next) & 0x0FFF_FFFF;
+            if !(2..0x0FFF_FFF8).contains(&cluster) {
+                break;
+            }
+        }
+        let slot = |i: usize| &data[i * SLOT..(i + 1) * SLOT];
+        if !is_root && data.len() >= 4 * SLOT {
+            let is_lfn = |i: usize| slot(i)[11] == ATTR_LFN && slot(i)[0] != 0xE5;
+            let named = |i: usize, name: &[u8; 11]| &slot(i)[..11] == name;
+            if is_lfn(0) && named(1, b".          ") && is_lfn(2) && named(3, b"..         ") {
+                let mut fixed = [0u8; 4 * SLOT];
+                fixed[..SLOT].copy_from_slice(slot(1));
+                fixed[SLOT..2 * SLOT].copy_from_slice(slot(3));
+                let dotdot = &mut fixed[SLOT..2 * SLOT];
+                let parent = u32::from(u16::from_le_bytes([dotdot[20], dotdot[21]])) << 16
+                    | u32::from(u16::from_le_bytes([dotdot[26], dotdot[27]]));
+                if parent == root_cluster {
+                    // "..": cluster 0 stands for the root directory (FAT spec, 6.1).
+                    dotdot[20..22].fill(0);
+                    dotdot[26..28].fill(0);
+                }
+                fixed[2 * SLOT] = 0xE5;
+                fixed[3 * SLOT] = 0xE5;
+                disk.seek(SeekFrom::Start(cluster_offset(first)))?;
+                disk.write_all(&fixed)?;
+            }
+        }
+        for i in 0..data.len() / SLOT {
+            let entry = slot(i);
+            match entry[0] {
+                0 => break,
+                0xE5 | b'.' => continue,
+                _ => {}
+            }
+            let attr = entry[11];
+            if attr == ATTR_LFN || attr & ATTR_VOLUME != 0 || attr & ATTR_DIR == 0 {
+                continue;
+            }
+            let child = u32::from(u16::from_le_bytes([entry[20], entry[21]])) << 16
+                | u32::from(u16::from_le_bytes([entry[26], entry[27]]));
+            if child >= 2 {
+                pending.push((child, false));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -341,6 +433,39 @@ mod tests {
             (2023, 11, 14)
         );
         assert_eq!((modified.time.hour, modified.time.min), (22, 13));
+    }
+
+    #[test]
+    fn fsck_fat_finds_nothing_to_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("esp.img");
+        let mut nested = files();
+        nested.push(EspFile::bytes("a/b/c/d/deep.txt", "deep"));
+        std::fs::write(&image, esp(&nested)).unwrap();
+        let out = std::process::Command::new("fsck.fat")
+            .args(["-n", "-V"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        assert!(!stdout.contains("Leaving filesystem unchanged"), "{stdout}");
+        let mut image = std::fs::read(&image).unwrap();
+        assert_eq!(
+            read_esp_file(Cursor::new(&mut image[..]), "a/b/c/d/deep.txt").unwrap(),
+            b"deep"
+        );
+        // The "." and ".." entries of a directory are its first two slots.
+        let mut cursor = Cursor::new(&mut image[..]);
+        let fs = FileSystem::new(&mut cursor, FsOptions::new()).unwrap();
+        let names: Vec<String> = fs
+            .root_dir()
+            .open_dir("a/b")
+            .unwrap()
+            .iter()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [".", "..", "c"]);
     }
 
     #[test]
