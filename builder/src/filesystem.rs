@@ -598,7 +598,17 @@ mod tests {
         let s = spec(&root);
         make_ext4(&s, &img, 0).unwrap();
         assert_eq!(fs::metadata(&img).unwrap().len(), s.size);
-        let header = tool("dumpe2fs", &["-h", img.to_str().unwrap()]);
+        let out = Command::new("dumpe2fs")
+            .args(["-h", img.to_str().unwrap()])
+            .env("TZ", "UTC")
+            .output()
+            .unwrap();
+        let header = String::from_utf8(out.stdout).unwrap();
+        // Superblock times are the epoch, not the build host's clock.
+        for field in ["Filesystem created:", "Last write time:", "Last checked:"] {
+            let line = header.lines().find(|l| l.starts_with(field)).unwrap();
+            assert!(line.ends_with("Tue Nov 14 22:13:20 2023"), "{line}");
+        }
         assert!(
             header.contains("Filesystem volume name:   root"),
             "{header}"
