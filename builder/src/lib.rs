@@ -5,5 +5,8 @@
 pub mod build;
 pub mod cli;
 pub mod compose;
+pub mod disk;
+pub mod esp;
+pub mod filesystem;
 pub mod progress;
 pub mod recipe;
