@@ -187,7 +187,13 @@ fn run_steps(
         &root_img,
         0,
     )
-    .context("making the root filesystem")?;
+    .map_err(|e| match e.downcast_ref::<filesystem::FilesystemError>() {
+        Some(too_large @ filesystem::FilesystemError::TreeTooLarge { .. }) => anyhow::anyhow!(
+            "{too_large}; raise disk.root_size in {}",
+            recipe.path.display()
+        ),
+        _ => e.context("making the root filesystem"),
+    })?;
     step.done(&format!("root image {} MiB", recipe.disk.root_size >> 20));
 
     // disk
@@ -273,7 +279,15 @@ fn run_steps(
         size: 0,
     });
     write_sums(&names.sums, &listed)?;
-    step.done(&format!("{} files in {}", listed.len() + 1, names.sums.parent().map(|p| p.display().to_string()).unwrap_or_default()));
+    step.done(&format!(
+        "{} files in {}",
+        listed.len() + 1,
+        names
+            .sums
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    ));
     Ok(report)
 }
 
@@ -304,7 +318,7 @@ fn preflight(recipe: &Recipe) -> Result<()> {
             packages.join(" ")
         );
     }
-    if !nix::unistd::geteuid().is_root() {
+    if !nix::unistd::Uid::effective().is_root() {
         bail!("imgbuild build must run as root: mmdebstrap needs it to create files owned by the image's users (no mounts or loop devices are used)");
     }
     Ok(())
@@ -320,10 +334,7 @@ pub fn find_in_path(tool: &str) -> Option<PathBuf> {
 
 /// UUID derived from the recipe (never random): same recipe, same UUID.
 pub fn derived_uuid(recipe: &Recipe, what: &str) -> Uuid {
-    Uuid::new_v5(
-        &Uuid::NAMESPACE_OID,
-        format!("{}:{what}", recipe.id_seed()).as_bytes(),
-    )
+    disk::derive_uuid(&recipe.id_seed(), what)
 }
 
 /// The ESP: systemd-boot from the image itself (so it matches the image's
@@ -346,29 +357,32 @@ fn esp_files(recipe: &Recipe, composed: &Composed) -> Result<Vec<EspFile>> {
         tries: None,
     };
     Ok(vec![
+        EspFile::file(bootspec::FALLBACK_LOADER_PATH, sd_boot.clone()),
+        EspFile::file(bootspec::SYSTEMD_BOOT_PATH, sd_boot),
+        EspFile::bytes(
+            bootspec::LOADER_CONF_PATH,
+            bootspec::LoaderConf::default().render(),
+        ),
         EspFile {
-            path: "EFI/BOOT/BOOTX64.EFI".into(),
-            source: EspSource::File(sd_boot.clone()),
-        },
-        EspFile {
-            path: "EFI/systemd/systemd-bootx64.efi".into(),
-            source: EspSource::File(sd_boot),
-        },
-        EspFile {
-            path: bootspec::loader_conf_path().into(),
-            source: EspSource::Bytes(bootspec::render_loader_conf(&bootspec::LoaderConf::default()).into_bytes()),
-        },
-        EspFile {
-            path: bootspec::kernel_path(Slot::A).trim_start_matches('/').into(),
+            path: bootspec::kernel_path(Slot::A)
+                .trim_start_matches('/')
+                .into(),
             source: EspSource::File(composed.kernel.clone()),
         },
         EspFile {
-            path: bootspec::initrd_path(Slot::A).trim_start_matches('/').into(),
+            path: bootspec::initrd_path(Slot::A)
+                .trim_start_matches('/')
+                .into(),
             source: EspSource::File(composed.initrd.clone()),
         },
         EspFile {
             path: format!("loader/entries/{}", entry.file_name()),
-            source: EspSource::Bytes(entry.render().into_bytes()),
+            source: EspSource::Bytes(
+                entry
+                    .render()
+                    .context("rendering slot A's boot entry")?
+                    .into_bytes(),
+            ),
         },
     ])
 }
@@ -377,7 +391,10 @@ fn esp_files(recipe: &Recipe, composed: &Composed) -> Result<Vec<EspFile>> {
 fn package_list(root: &Path) -> Result<Vec<String>> {
     let out = run_capture(
         Command::new("dpkg-query")
-            .arg(format!("--admindir={}", root.join("var/lib/dpkg").display()))
+            .arg(format!(
+                "--admindir={}",
+                root.join("var/lib/dpkg").display()
+            ))
             .args(["-W", "-f", "${Package}=${Version}\\n"]),
     )?;
     let mut v: Vec<String> = out.lines().map(String::from).collect();
@@ -398,14 +415,16 @@ fn publish_file(from: &Path, to: &Path) -> Result<()> {
 
 fn copy_output(from: &Path, to: &Path) -> Result<()> {
     let tmp = to.with_extension("partial");
-    fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
     fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("partial");
     fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// sha256 of a file, hex.
@@ -421,11 +440,15 @@ fn write_sums(path: &Path, artifacts: &[Artifact]) -> Result<()> {
     let mut sorted: Vec<&Artifact> = artifacts.iter().collect();
     sorted.sort_by(|a, b| a.file.cmp(&b.file));
     let tmp = path.with_extension("partial");
-    let mut w = BufWriter::new(fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+    let mut w = BufWriter::new(
+        fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+    );
     for a in sorted {
-        writeln!(w, "{}  {}", a.sha256, a.file).with_context(|| format!("writing {}", tmp.display()))?;
+        writeln!(w, "{}  {}", a.sha256, a.file)
+            .with_context(|| format!("writing {}", tmp.display()))?;
     }
-    w.flush().with_context(|| format!("writing {}", tmp.display()))?;
+    w.flush()
+        .with_context(|| format!("writing {}", tmp.display()))?;
     drop(w);
     fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
 }
@@ -455,15 +478,27 @@ mod tests {
             .current_dir(dir.path())
             .output()
             .unwrap();
-        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stdout)
+        );
     }
 
     #[test]
     fn derived_uuids_are_stable_and_distinct() {
-        let r = Recipe::parse(Path::new("r.toml"), "[image]\nname = \"a\"\nversion = \"1\"\n").unwrap();
+        let r = Recipe::parse(
+            Path::new("r.toml"),
+            "[image]\nname = \"a\"\nversion = \"1\"\n",
+        )
+        .unwrap();
         assert_eq!(derived_uuid(&r, "root-fs"), derived_uuid(&r, "root-fs"));
         assert_ne!(derived_uuid(&r, "root-fs"), derived_uuid(&r, "var-fs"));
-        let r2 = Recipe::parse(Path::new("r.toml"), "[image]\nname = \"a\"\nversion = \"2\"\n").unwrap();
+        let r2 = Recipe::parse(
+            Path::new("r.toml"),
+            "[image]\nname = \"a\"\nversion = \"2\"\n",
+        )
+        .unwrap();
         assert_ne!(derived_uuid(&r, "root-fs"), derived_uuid(&r2, "root-fs"));
     }
 
@@ -471,7 +506,11 @@ mod tests {
     fn bad_recipe_stops_before_any_work() {
         let dir = tempfile::tempdir().unwrap();
         let recipe = dir.path().join("bad.toml");
-        fs::write(&recipe, "[image]\nname = \"x\"\nversion = \"1\"\n[disk]\nroot_size = \"huge\"\n").unwrap();
+        fs::write(
+            &recipe,
+            "[image]\nname = \"x\"\nversion = \"1\"\n[disk]\nroot_size = \"huge\"\n",
+        )
+        .unwrap();
         let out = dir.path().join("out");
         let err = build(
             &BuildArgs {

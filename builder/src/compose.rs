@@ -530,7 +530,12 @@ fn configure(recipe: &Recipe, root: &Path, log: &Path) -> Result<()> {
         0o644,
     )?;
     write_image_file(root, "/etc/fstab", FSTAB.as_bytes(), 0o644)?;
-    write_image_file(root, "/usr/lib/repart.d/50-var.conf", REPART_VAR.as_bytes(), 0o644)?;
+    write_image_file(
+        root,
+        "/usr/lib/repart.d/50-var.conf",
+        REPART_VAR.as_bytes(),
+        0o644,
+    )?;
     for dir in ["efi", "var", "tmp"] {
         fs::create_dir_all(root.join(dir))
             .with_context(|| format!("creating /{dir} in the image"))?;

@@ -32,7 +32,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "imgbuild", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "imgbuild",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
         Command::Man { dir } => write_man_pages(&dir),

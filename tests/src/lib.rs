@@ -60,17 +60,25 @@ impl BootReport {
 /// Parse the last complete boot report in a serial log.
 pub fn parse_boot_report(log: &str) -> Result<BootReport> {
     let lines: Vec<&str> = log.lines().collect();
-    let Some(end) = lines.iter().rposition(|l| l.contains("imgbuild-report: end")) else {
+    let Some(end) = lines
+        .iter()
+        .rposition(|l| l.contains("imgbuild-report: end"))
+    else {
         bail!("no complete boot report (no 'imgbuild-report: end') in the serial log");
     };
-    let Some(begin) = lines[..end].iter().rposition(|l| l.contains("imgbuild-report: begin")) else {
+    let Some(begin) = lines[..end]
+        .iter()
+        .rposition(|l| l.contains("imgbuild-report: begin"))
+    else {
         bail!("boot report has an end but no begin");
     };
     let mut fields = BTreeMap::new();
     let mut failed = Vec::new();
     let mut state = None;
     for line in &lines[begin + 1..end] {
-        let Some((_, rest)) = line.split_once("imgbuild-report: ") else { continue };
+        let Some((_, rest)) = line.split_once("imgbuild-report: ") else {
+            continue;
+        };
         let rest = rest.trim_end_matches('\r');
         if let Some(s) = rest.strip_prefix("state=") {
             state = Some(s.trim().to_string());
