@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -139,8 +139,8 @@ pub struct Vm {
 impl Vm {
     /// Starts QEMU for `cfg` and returns once the process runs (not once the guest boots).
     ///
-    /// The kernel kills QEMU if the thread that called `start` exits (`PR_SET_PDEATHSIG`
-    /// follows the spawning thread), so start VMs from a thread that outlives them.
+    /// Any thread may call this and hand the `Vm` to another: QEMU is forked from one
+    /// process-wide spawner thread, so it dies with this process, not with the caller.
     pub fn start(cfg: &VmConfig) -> Result<Vm> {
         cfg.validate()?;
         let accel = cfg
@@ -217,9 +217,8 @@ impl Vm {
             // down cleanly instead of QEMU dying mid-write.
             .process_group(0);
         die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", qemu.display()))?;
+        let mut child =
+            spawn_from_spawner(cmd).with_context(|| format!("starting {}", qemu.display()))?;
         let (Some(stdout), stdin) = (child.stdout.take(), child.stdin.take()) else {
             // Unreachable with Stdio::piped(); never leave the child running regardless.
             let _ = child.kill();
@@ -482,8 +481,41 @@ impl Drop for Vm {
     }
 }
 
-/// Makes the kernel SIGKILL QEMU when the spawning thread dies, so a crashed or killed
-/// `imgbuild` never leaves a guest running.
+type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
+
+/// Spawns `cmd` from a thread that lives as long as the process.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the
+/// process. Forking every QEMU from this one never-ending thread makes the signal mean
+/// "this process died", whichever thread started or owns the `Vm`.
+fn spawn_from_spawner(cmd: Command) -> io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        let started = std::thread::Builder::new()
+            .name("imgqemu-spawner".into())
+            .spawn(move || {
+                // Never returns: the static sender keeps the channel open.
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!("starting the QEMU spawner thread: {e}");
+        }
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    lock(spawner)
+        .send((cmd, reply_tx))
+        .map_err(|_| io::Error::other("the QEMU spawner thread is not running"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| io::Error::other("the QEMU spawner thread did not answer"))?
+}
+
+/// Makes the kernel SIGKILL QEMU when the thread that forks it dies (see
+/// [`spawn_from_spawner`]), so a crashed or killed `imgbuild` never leaves a guest running.
 #[allow(unsafe_code)]
 fn die_with_parent(cmd: &mut Command) {
     let parent = std::process::id();

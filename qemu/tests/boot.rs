@@ -57,8 +57,15 @@ fn debian_kernel() -> (PathBuf, PathBuf) {
     (kernel, dir.join(format!("initrd.img-{version}")))
 }
 
-fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+/// True while `pid` exists and is not a zombie. A zombie is dead: it only waits for its
+/// parent (here possibly a container's PID 1 that never reaps) to collect its status.
+fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(Path::new(&format!("/proc/{pid}/stat"))) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 #[test]
@@ -123,7 +130,7 @@ fn direct_kernel_boot_reaches_linux_version_and_kill_leaves_no_process() {
 
     vm.kill().expect("kill");
     assert!(
-        !process_exists(pid),
+        !process_alive(pid),
         "QEMU pid {pid} still exists after kill"
     );
     assert!(vm.try_wait().expect("try_wait").is_some());
@@ -211,7 +218,74 @@ fn ovmf_with_blank_disk_reaches_boot_manager_and_writes_only_its_vars_copy() {
     let pid = vm.pid();
     let outcome = vm.shutdown(Duration::from_secs(3)).expect("shutdown");
     assert_eq!(outcome, imgqemu::Shutdown::Killed);
-    assert!(!process_exists(pid));
+    assert!(!process_alive(pid));
     let log = fs::read_to_string(dir.path().join("ovmf.serial.log")).expect("serial log");
     assert!(log.contains("BdsDxe"));
+}
+
+/// Set in the child process of `qemu_dies_when_its_owner_exits_without_cleanup`.
+const ORPHAN_CHILD_ENV: &str = "IMGQEMU_TEST_ORPHAN_CHILD";
+
+/// Not a test on its own: run by the test below in a child process, which starts a VM
+/// from a short-lived thread, prints QEMU's pid and exits without dropping the `Vm`.
+#[test]
+fn orphan_child_helper() {
+    if std::env::var_os(ORPHAN_CHILD_ENV).is_none() {
+        return;
+    }
+    let (kernel, initrd) = debian_kernel();
+    let mut cfg = VmConfig::direct_kernel("orphan", &kernel, Some(initrd), "console=ttyS0");
+    cfg.memory_mib = 256;
+    cfg.network = None;
+    // Started on a thread that ends at once: QEMU must survive that...
+    let vm = std::thread::spawn(move || Vm::start(&cfg).expect("start QEMU"))
+        .join()
+        .expect("starter thread");
+    vm.wait_for_serial("Linux version", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("QEMU_PID={}", vm.pid());
+    // ...and die with the process even though Drop never runs.
+    std::process::exit(0);
+}
+
+#[test]
+fn qemu_dies_when_its_owner_exits_without_cleanup() {
+    if !qemu_present() {
+        return;
+    }
+    let _one = ONE_GUEST.lock().unwrap_or_else(PoisonError::into_inner);
+    let exe = std::env::current_exe().expect("current exe");
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "orphan_child_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ORPHAN_CHILD_ENV, "1")
+        .output()
+        .expect("run the child test process");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let pid: u32 = stdout
+        .lines()
+        // The harness may print "test ... " on the same line first.
+        .find_map(|l| l.split_once("QEMU_PID=").map(|(_, pid)| pid))
+        .unwrap_or_else(|| {
+            panic!(
+                "child printed no QEMU pid\nstdout:\n{stdout}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .trim()
+        .parse()
+        .expect("pid");
+    // PR_SET_PDEATHSIG delivers SIGKILL when the child process exits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !process_alive(pid),
+        "QEMU pid {pid} outlived its owner process"
+    );
 }
