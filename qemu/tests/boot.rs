@@ -75,8 +75,13 @@ fn direct_kernel_boot_reaches_linux_version_and_kill_leaves_no_process() {
     }
     let _one = ONE_GUEST.lock().unwrap_or_else(PoisonError::into_inner);
     let (kernel, initrd) = debian_kernel();
-    let mut cfg =
-        VmConfig::direct_kernel("direct", &kernel, Some(initrd), "console=ttyS0 panic=-1");
+    // rdinit=/bin/sh: the initrd's busybox shell is PID 1, on the serial console.
+    let mut cfg = VmConfig::direct_kernel(
+        "direct",
+        &kernel,
+        Some(initrd),
+        "console=ttyS0 panic=-1 rdinit=/bin/sh",
+    );
     cfg.memory_mib = 512;
     cfg.network = None;
     cfg.no_reboot = true;
@@ -111,6 +116,24 @@ fn direct_kernel_boot_reaches_linux_version_and_kill_leaves_no_process() {
     let mut qmp = imgqemu::Qmp::connect(vm.qmp_socket(), Duration::from_secs(5)).expect("QMP");
     let status = qmp.execute("query-status").expect("query-status");
     assert_eq!(status["running"], true, "{status}");
+
+    // Typing on the console reaches the guest; only the shell's answer says "-42-".
+    let prompt = vm
+        .wait_for_serial("Run /bin/sh as init process", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "direct kernel: shell after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    vm.send_serial("echo imgqemu-$((6*7))-ok\n").expect("send");
+    let answer = vm
+        .wait_for_serial_from(prompt.end, "imgqemu-42-ok", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        answer.line.trim().ends_with("imgqemu-42-ok"),
+        "{}",
+        answer.line
+    );
 
     // A pattern that never comes: the error carries the console tail.
     let mark = hit.end;
