@@ -184,7 +184,9 @@ pub struct VmConfig {
     pub disk: Option<PathBuf>,
     /// `None`: detected from the image header.
     pub disk_format: Option<DiskFormat>,
-    /// Discard writes to the boot disk (`snapshot=on`). Default true.
+    /// Discard writes to the boot disk. Default true. This is the drive's `snapshot=on`
+    /// rather than the global `-snapshot`, which would also cover the pflash vars copy
+    /// and hide OVMF's variable writes from anyone inspecting it.
     pub snapshot: bool,
     pub extra_disks: Vec<Disk>,
     /// Guest memory in MiB. Default 1024.

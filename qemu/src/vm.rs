@@ -539,16 +539,24 @@ fn die_with_parent(cmd: &mut Command) {
 fn resolve_formats(cfg: &VmConfig) -> Result<VmConfig> {
     let mut cfg = cfg.clone();
     if let Some(disk) = &cfg.disk {
-        if cfg.disk_format.is_none() {
-            cfg.disk_format = Some(detect_format(disk)?);
-        }
+        cfg.disk_format = Some(match cfg.disk_format {
+            Some(f) => check_disk(disk).map(|()| f)?,
+            None => detect_format(disk)?,
+        });
     }
     for d in &mut cfg.extra_disks {
-        if d.format.is_none() {
-            d.format = Some(detect_format(&d.path)?);
-        }
+        d.format = Some(match d.format {
+            Some(f) => check_disk(&d.path).map(|()| f)?,
+            None => detect_format(&d.path)?,
+        });
     }
     Ok(cfg)
+}
+
+/// Fails early, naming the path, rather than letting QEMU fail after it started.
+fn check_disk(path: &Path) -> Result<()> {
+    fs::metadata(path).with_context(|| format!("disk image {}", path.display()))?;
+    Ok(())
 }
 
 /// Reads the first bytes of a disk image to tell qcow2 from raw.
@@ -706,5 +714,30 @@ mod tests {
         assert_eq!(detect_format(&e).expect("detect"), DiskFormat::Raw);
         let err = detect_format(&dir.path().join("missing")).expect_err("missing");
         assert!(format!("{err:#}").contains("missing"));
+    }
+
+    #[test]
+    fn start_names_a_missing_disk_before_spawning_anything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope.raw");
+        let ovmf = crate::Ovmf {
+            code: dir.path().join("CODE.fd"),
+            vars_template: dir.path().join("VARS.fd"),
+        };
+        for format in [None, Some(DiskFormat::Raw)] {
+            let mut cfg = VmConfig::uefi("missing", ovmf.clone(), &missing);
+            cfg.disk_format = format;
+            cfg.accel = Accel::Tcg;
+            cfg.qemu_binary = Some(PathBuf::from("/bin/false"));
+            cfg.work_parent = Some(dir.path().to_owned());
+            let err = Vm::start(&cfg).expect_err("missing disk");
+            assert!(format!("{err:#}").contains("nope.raw"), "{err:#}");
+        }
+        // No work directory was left behind.
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .expect("read_dir")
+            .filter_map(|e| e.ok())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
