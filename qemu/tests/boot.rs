@@ -253,13 +253,15 @@ const ORPHAN_CHILD_ENV: &str = "IMGQEMU_TEST_ORPHAN_CHILD";
 /// from a short-lived thread, prints QEMU's pid and exits without dropping the `Vm`.
 #[test]
 fn orphan_child_helper() {
-    if std::env::var_os(ORPHAN_CHILD_ENV).is_none() {
+    // The parent passes a directory it owns and removes: Drop never runs here.
+    let Some(work_parent) = std::env::var_os(ORPHAN_CHILD_ENV) else {
         return;
-    }
+    };
     let (kernel, initrd) = debian_kernel();
     let mut cfg = VmConfig::direct_kernel("orphan", &kernel, Some(initrd), "console=ttyS0");
     cfg.memory_mib = 256;
     cfg.network = None;
+    cfg.work_parent = Some(PathBuf::from(work_parent));
     // Started on a thread that ends at once: QEMU must survive that...
     let vm = std::thread::spawn(move || Vm::start(&cfg).expect("start QEMU"))
         .join()
@@ -278,6 +280,7 @@ fn qemu_dies_when_its_owner_exits_without_cleanup() {
     }
     let _one = ONE_GUEST.lock().unwrap_or_else(PoisonError::into_inner);
     let exe = std::env::current_exe().expect("current exe");
+    let work_parent = tempfile::tempdir().expect("tempdir");
     let out = std::process::Command::new(exe)
         .args([
             "--exact",
@@ -285,7 +288,7 @@ fn qemu_dies_when_its_owner_exits_without_cleanup() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(ORPHAN_CHILD_ENV, "1")
+        .env(ORPHAN_CHILD_ENV, work_parent.path())
         .output()
         .expect("run the child test process");
     let stdout = String::from_utf8_lossy(&out.stdout);
