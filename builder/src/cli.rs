@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::build::BuildArgs;
+use crate::doctor::DoctorArgs;
+use crate::run::RunArgs;
 
 /// Build signed, bootable A/B disk images for Kubernetes nodes, and boot them in QEMU.
 #[derive(Debug, Parser)]
@@ -26,6 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// Build an image from a recipe: compose, filesystem, disk, outputs.
     Build(BuildArgs),
+    /// Boot an image in QEMU (UEFI, serial console here); Ctrl-C powers it off.
+    Run(RunArgs),
+    /// List missing host tools and the apt-get line that installs them.
+    Doctor(DoctorArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions {
         /// The shell.

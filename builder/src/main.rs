@@ -31,6 +31,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Run(args) => imgbuild::run::run(&args),
+        Command::Doctor(args) => imgbuild::doctor::doctor(&args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
