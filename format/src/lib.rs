@@ -5,5 +5,6 @@
 //! anything a node and a builder could disagree on at run time.
 
 pub mod layout;
+pub mod release;
 
 pub use layout::{PartitionRole, Slot};
