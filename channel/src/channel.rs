@@ -191,6 +191,15 @@ pub enum PublishError {
         /// The delta's source version.
         from: String,
     },
+    /// The keys given do not meet the root threshold of root version `by_root` for the
+    /// new root version `version` (TUF 5.3.4: both the old and the new root must sign).
+    #[error("root version {version} would not carry the signature threshold of root version {by_root} with the keys given")]
+    RootThreshold {
+        /// The root being signed.
+        version: u64,
+        /// The root whose threshold is not met.
+        by_root: u64,
+    },
     /// A key file was refused.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -580,33 +589,42 @@ async fn sign_root(
     root: &Root,
     signers: &[&Root],
     signing: &SigningKeys,
-) -> anyhow::Result<SignedRole<Root>> {
+) -> Result<SignedRole<Root>, PublishError> {
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let sources = signing.sources();
-    let mut signatures = Vec::new();
+    let threshold = |signer: &Root| PublishError::RootThreshold {
+        version: root.version.get(),
+        by_root: signer.version.get(),
+    };
+    let mut signed: Option<SignedRole<Root>> = None;
     for signer in signers {
-        let role = SignedRole::new(
+        let role = match SignedRole::new(
             root.clone(),
             &KeyHolder::Root((*signer).clone()),
             &sources,
             &rng,
         )
         .await
-        .context("signing root metadata")?;
-        signatures.extend(role.signed().signatures.clone());
+        {
+            Ok(r) => r,
+            // None of the keys given is a root key of this signer.
+            Err(tough::error::Error::KeysNotFoundInRoot { .. }) => return Err(threshold(signer)),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("signing root version {}", root.version))
+                    .into())
+            }
+        };
+        signed = Some(match signed {
+            None => role,
+            Some(s) => s.add_old_signatures(role.signed().signatures.clone())?,
+        });
     }
-    let mut signed = SignedRole::new(root.clone(), &KeyHolder::Root(root.clone()), &[], &rng)
-        .await
-        .context("building root metadata")?;
-    signed = signed.add_old_signatures(signatures)?;
+    let signed = signed.context("no root to sign with")?;
     for signer in signers {
-        signer.verify_role(signed.signed()).map_err(|e| {
-            anyhow!(
-                "root version {} is not signed by the threshold of root version {}: {e}",
-                root.version,
-                signer.version
-            )
-        })?;
+        signer
+            .verify_role(signed.signed())
+            .map_err(|_| threshold(signer))?;
     }
     Ok(signed)
 }
