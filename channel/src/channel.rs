@@ -1044,7 +1044,20 @@ impl From<tough::error::Error> for LoadError {
             E::HashMismatch { .. } | E::MaxSizeExceeded { .. } | E::VersionMismatch { .. } => {
                 LoadError::Mismatch { detail }
             }
-            E::Transport { .. } => LoadError::Fetch { detail },
+            E::Transport { .. } => {
+                // tough checks a target's length and digest inside the byte stream, so a
+                // tampered target surfaces as a transport error wrapping the real cause.
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    if let Some(inner) = c.downcast_ref::<tough::error::Error>() {
+                        if matches!(inner, E::HashMismatch { .. } | E::MaxSizeExceeded { .. }) {
+                            return LoadError::Mismatch { detail };
+                        }
+                    }
+                    cause = c.source();
+                }
+                LoadError::Fetch { detail }
+            }
             other => LoadError::Tuf(other),
         }
     }
