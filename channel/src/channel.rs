@@ -461,7 +461,7 @@ fn commit_metadata(staging: &Path, metadata: &Path) -> anyhow::Result<()> {
             .strip_suffix(".root.json")
             .and_then(|n| n.parse::<u64>().ok())
         {
-            if newest_root.as_ref().is_none_or(|(v, _)| n > *v) {
+            if newest_root.as_ref().map_or(true, |(v, _)| n > *v) {
                 newest_root = Some((n, dst.clone()));
             }
         }
@@ -821,7 +821,7 @@ async fn publish_async(
     index.latest = Some(version.to_owned());
     if downgrade {
         index.max_version = Some(version.to_owned());
-    } else if newest.is_none_or(|n| compare_versions(version, &n) == Ordering::Greater) {
+    } else if newest.map_or(true, |n| compare_versions(version, &n) == Ordering::Greater) {
         index.max_version = None;
     }
     let index_path = staging.path().join(CHANNEL_INDEX_TARGET);
@@ -1020,7 +1020,7 @@ pub enum LoadError {
     },
     /// Any other failure reported by tough.
     #[error(transparent)]
-    Tuf(tough::error::Error),
+    Tuf(Box<tough::error::Error>),
     /// Local I/O (runtime, temp files, destination).
     #[error(transparent)]
     Local(#[from] anyhow::Error),
@@ -1058,7 +1058,7 @@ impl From<tough::error::Error> for LoadError {
                 }
                 LoadError::Fetch { detail }
             }
-            other => LoadError::Tuf(other),
+            other => LoadError::Tuf(Box::new(other)),
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Channel round trip: init, publish, load from a directory, file:// and HTTP; refusals;
 //! downgrade marker; refresh; root rotation.
 
+// Helpers shared by the tests below unwrap like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{serve, Fixture};

@@ -2,6 +2,9 @@
 //! (either `load` fails, so there is no `Channel` to read from, or the read fails and the
 //! destination file is never created).
 
+// Helpers shared by the tests below unwrap like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{copy_tree, serve, Fixture};

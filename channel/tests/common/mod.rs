@@ -1,6 +1,7 @@
 //! Shared test helpers: keys in tempdirs, small fake images, a static HTTP server.
 
-#![allow(dead_code)]
+// Test-only helpers: a failed setup step should panic the test that called it.
+#![allow(dead_code, clippy::unwrap_used)]
 
 use imgchannel::{ExpiryPolicy, ReleaseInput, RoleKeys, SigningKeys};
 use std::io::{BufRead, BufReader, Write};
