@@ -277,7 +277,13 @@ impl Layout {
     }
 
     /// Exclusive lock for the whole read-modify-write of a publish/refresh/rotation.
-    fn lock(&self) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+    /// Refuses a directory without `metadata/` (not a channel) before creating anything.
+    fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, PublishError> {
+        if !self.metadata.is_dir() {
+            return Err(PublishError::NotInitialized {
+                dir: self.dir.clone(),
+            });
+        }
         let path = self.dir.join(LOCK_FILE);
         let f = fs::OpenOptions::new()
             .create(true)
@@ -286,7 +292,7 @@ impl Layout {
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| anyhow!("locking {}: {e}", path.display()))
+            .map_err(|(_, e)| anyhow!("locking {}: {e}", path.display()).into())
     }
 
     /// Highest `N.root.json` in `metadata/`.
@@ -519,23 +525,23 @@ pub fn init(
     expiry: &ExpiryPolicy,
 ) -> Result<(), PublishError> {
     check_name("channel name", channel)?;
+    // Keys and thresholds are checked before anything is created.
+    let signing = SigningKeys::new(keys.all_paths())?;
+    let root = build_root(keys, NonZeroU64::MIN, expires_after(expiry.root)?)?;
     let layout = Layout::new(dir);
-    if layout.metadata.exists()
-        && fs::read_dir(&layout.metadata)
-            .with_context(|| format!("reading {}", layout.metadata.display()))?
-            .next()
-            .is_some()
+    for d in [&layout.metadata, &layout.targets] {
+        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let _lock = layout.lock()?;
+    if fs::read_dir(&layout.metadata)
+        .with_context(|| format!("reading {}", layout.metadata.display()))?
+        .next()
+        .is_some()
     {
         return Err(PublishError::AlreadyInitialized {
             dir: dir.to_owned(),
         });
     }
-    for d in [&layout.metadata, &layout.targets] {
-        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let _lock = layout.lock()?;
-    let signing = SigningKeys::new(keys.all_paths())?;
-    let root = build_root(keys, NonZeroU64::MIN, expires_after(expiry.root)?)?;
     runtime()?.block_on(async {
         let staging = tempfile::Builder::new()
             .prefix(".staging-")
@@ -719,8 +725,8 @@ pub fn publish(
         check_name("delta source version", &d.from_version)?;
     }
     let layout = Layout::new(dir);
-    let (_, root_path) = layout.latest_root()?;
     let _lock = layout.lock()?;
+    let (_, root_path) = layout.latest_root()?;
     runtime()?.block_on(publish_async(&layout, &root_path, keys, release, expiry))
 }
 
@@ -868,8 +874,8 @@ async fn publish_async(
 /// a channel from expiring.
 pub fn refresh(dir: &Path, keys: &SigningKeys, expiry: &ExpiryPolicy) -> Result<(), PublishError> {
     let layout = Layout::new(dir);
-    let (_, root_path) = layout.latest_root()?;
     let _lock = layout.lock()?;
+    let (_, root_path) = layout.latest_root()?;
     runtime()?.block_on(async {
         let repo = load_local(&layout, &root_path).await?;
         let root = KeyHolder::Root(repo.root().signed.clone());
@@ -929,8 +935,8 @@ pub fn rotate_root(
     expiry: &ExpiryPolicy,
 ) -> Result<u64, PublishError> {
     let layout = Layout::new(dir);
-    let (n, root_path) = layout.latest_root()?;
     let _lock = layout.lock()?;
+    let (n, root_path) = layout.latest_root()?;
     let new_signing = SigningKeys::new(new_keys.all_paths())?;
     let version = NonZeroU64::new(n + 1).context("root version overflow")?;
     let new_root = build_root(new_keys, version, expires_after(expiry.root)?)?;

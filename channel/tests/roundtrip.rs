@@ -321,3 +321,20 @@ fn threshold_two_root_needs_both_keys() {
     let ch = imgchannel::load(dir.to_str().unwrap(), &dir.join("metadata/1.root.json")).unwrap();
     assert_eq!(ch.metadata_versions()[0], 2);
 }
+
+#[test]
+fn publishing_into_a_directory_that_is_not_a_channel_is_refused() {
+    let f = Fixture::new("stable");
+    let empty = f.tmp.path().join("not-a-channel");
+    std::fs::create_dir(&empty).unwrap();
+    let policy = ExpiryPolicy::default();
+    assert!(matches!(
+        imgchannel::publish(&empty, &f.signing, &f.release("1.0.0", &[]), &policy),
+        Err(PublishError::NotInitialized { .. })
+    ));
+    assert!(matches!(
+        imgchannel::refresh(&empty, &f.signing, &policy),
+        Err(PublishError::NotInitialized { .. })
+    ));
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+}
