@@ -9,6 +9,7 @@
 
 pub mod artifact;
 pub mod channel;
+pub mod cli;
 pub mod keys;
 
 pub use artifact::{sign_sums, verify_artifact, VerifyError};
