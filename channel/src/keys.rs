@@ -98,7 +98,13 @@ pub fn generate(path: &Path) -> Result<PublicKeyInfo, KeyError> {
         }
     }
     let signing = SigningKey::generate(&mut rand_core::OsRng);
-    let der = signing.to_pkcs8_der().map_err(|e| KeyError::Malformed {
+    // PKCS#8 v1 (private key only): tough/aws-lc-rs take v1 and v2, but OpenSSL 3.0
+    // cannot read the v2 document ed25519-dalek writes, and operators use openssl.
+    let v1 = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: signing.to_bytes(),
+        public_key: None,
+    };
+    let der = v1.to_pkcs8_der().map_err(|e| KeyError::Malformed {
         path: path.to_owned(),
         what: "PKCS#8 document",
         reason: e.to_string(),
