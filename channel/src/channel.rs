@@ -665,6 +665,19 @@ async fn read_index(repo: &tough::Repository) -> anyhow::Result<ChannelIndex> {
     Ok(index)
 }
 
+/// The channel index of the channel in `dir`, as published (signatures verified, expiry
+/// not enforced): what the builder consults to choose delta bases
+/// ([`ChannelIndex::delta_bases`]) before [`publish`].
+pub fn local_index(dir: &Path) -> Result<ChannelIndex, PublishError> {
+    let layout = Layout::new(dir);
+    let _lock = layout.lock()?;
+    let (_, root_path) = layout.latest_root()?;
+    runtime()?.block_on(async {
+        let repo = load_local(&layout, &root_path).await?;
+        Ok(read_index(&repo).await?)
+    })
+}
+
 /// Compresses `src` with zstd into `dst`, returning (sha256, size) of `src` and of `dst`.
 fn compress_image(
     src: &Path,

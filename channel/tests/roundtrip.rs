@@ -338,3 +338,23 @@ fn publishing_into_a_directory_that_is_not_a_channel_is_refused() {
     ));
     assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
 }
+
+#[test]
+fn local_index_lists_releases_for_choosing_delta_bases() {
+    let f = Fixture::new("stable");
+    f.publish("1.0.0", &[]);
+    f.publish("1.1.0", &["1.0.0"]);
+    f.publish("1.2.0", &["1.1.0", "1.0.0"]);
+    let idx = imgchannel::local_index(&f.dir).unwrap();
+    assert_eq!(idx.delta_bases("1.3.0", 2), vec!["1.2.0", "1.1.0"]);
+    assert_eq!(idx.update_target("1.0.0").unwrap().version, "1.2.0");
+}
+
+#[test]
+fn wire_types_ignore_fields_added_by_newer_publishers() {
+    let json = r#"{"schema":1,"channel":"stable","releases":[],"latest":null,
+                   "max_version":null,"added_later":{"x":1}}"#;
+    let idx: imgformat::release::ChannelIndex = serde_json::from_str(json).unwrap();
+    assert_eq!(idx.channel, "stable");
+    assert!(serde_json::from_str::<imgformat::release::ChannelIndex>(r#"{"schema":1}"#).is_err());
+}

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 
 /// Schema version of [`ReleaseManifest`] and [`ChannelIndex`]. Readers refuse a larger one.
+/// Adding an optional field does not change it (readers ignore fields they do not know,
+/// so older nodes keep working); any change an older reader would misread bumps it.
 pub const RELEASE_SCHEMA_VERSION: u32 = 1;
 
 /// Sub-directory of a channel directory holding the TUF metadata (the metadata base URL).
@@ -48,7 +50,6 @@ pub fn delta_target(name: &str, from: &str, version: &str) -> String {
 /// Everything a node needs to know about one published version. Published as the target
 /// [`manifest_target`]`(name, version)`; the files it names are targets of the same channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReleaseManifest {
     /// [`RELEASE_SCHEMA_VERSION`] at the time of writing.
     pub schema: u32,
@@ -74,7 +75,6 @@ pub struct ReleaseManifest {
 
 /// The root filesystem image of a release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ImageInfo {
     /// Target name of the compressed image.
     pub target: String,
@@ -90,7 +90,6 @@ pub struct ImageInfo {
 
 /// A delta from an older version to the release that lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DeltaInfo {
     /// Version the delta applies to (the node's running version).
     pub from_version: String,
@@ -109,7 +108,6 @@ pub struct DeltaInfo {
 /// running version; then they move to the newest release not above `max_version`. A normal
 /// publish of a version newer than every published one clears `max_version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChannelIndex {
     /// [`RELEASE_SCHEMA_VERSION`] at the time of writing.
     pub schema: u32,
@@ -125,7 +123,6 @@ pub struct ChannelIndex {
 
 /// One release in the [`ChannelIndex`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReleaseEntry {
     /// Image version.
     pub version: String,
@@ -155,6 +152,43 @@ impl ChannelIndex {
     /// The entry for `version`, if published.
     pub fn find(&self, version: &str) -> Option<&ReleaseEntry> {
         self.releases.iter().find(|r| r.version == version)
+    }
+
+    /// The versions a new release `version` should carry deltas from: the `k` newest
+    /// published versions below it, newest first (the default `k` is 3).
+    pub fn delta_bases(&self, version: &str, k: usize) -> Vec<&str> {
+        let mut older: Vec<&str> = self
+            .releases
+            .iter()
+            .map(|r| r.version.as_str())
+            .filter(|v| compare_versions(v, version) == Ordering::Less)
+            .collect();
+        older.sort_by(|a, b| compare_versions(b, a));
+        older.truncate(k);
+        older
+    }
+
+    /// The release a node running `running` should move to, or `None` to stay.
+    ///
+    /// The newest release not above `max_version` (when set) is the goal. A node below
+    /// it updates; a node above `max_version` goes down to it (the signed downgrade); a
+    /// node between the goal and `max_version`, or on the goal, stays. Whether the node
+    /// may jump straight there (`min_update_from`) is in the goal's manifest.
+    pub fn update_target(&self, running: &str) -> Option<&ReleaseEntry> {
+        let allowed = |v: &str| match &self.max_version {
+            Some(max) => compare_versions(v, max) != Ordering::Greater,
+            None => true,
+        };
+        let goal = self
+            .releases
+            .iter()
+            .filter(|r| allowed(&r.version))
+            .max_by(|a, b| compare_versions(&a.version, &b.version))?;
+        match compare_versions(&goal.version, running) {
+            Ordering::Greater => Some(goal),
+            Ordering::Less if !allowed(running) => Some(goal),
+            _ => None,
+        }
     }
 }
 
@@ -247,6 +281,53 @@ mod tests {
         }
         assert_eq!(compare_versions("1.02", "1.2"), Ordering::Equal);
         assert_eq!(compare_versions("1.2.3", "1.2.3"), Ordering::Equal);
+    }
+
+    fn index(versions: &[&str], max: Option<&str>) -> ChannelIndex {
+        let mut idx = ChannelIndex::empty("stable");
+        for v in versions {
+            idx.releases.push(ReleaseEntry {
+                version: (*v).into(),
+                manifest: manifest_target("minimal", v),
+            });
+        }
+        idx.max_version = max.map(Into::into);
+        idx
+    }
+
+    #[test]
+    fn delta_bases_are_the_newest_older_versions() {
+        let idx = index(&["1.0", "1.10", "1.2", "1.9", "2.0"], None);
+        assert_eq!(idx.delta_bases("1.11", 3), vec!["1.10", "1.9", "1.2"]);
+        assert_eq!(idx.delta_bases("1.1", 3), vec!["1.0"]);
+        assert!(idx.delta_bases("0.1", 3).is_empty());
+    }
+
+    #[test]
+    fn update_target_follows_max_version() {
+        let target = |idx: &ChannelIndex, running: &str| {
+            idx.update_target(running).map(|r| r.version.clone())
+        };
+        let normal = index(&["1.0", "1.1", "1.2"], None);
+        assert_eq!(target(&normal, "1.0").as_deref(), Some("1.2"));
+        assert_eq!(target(&normal, "1.2"), None);
+        // A node ahead of the channel (e.g. installed from a newer ISO) is not downgraded.
+        assert_eq!(target(&normal, "1.3"), None);
+
+        let capped = index(&["1.0", "1.1", "1.2", "1.1.5"], Some("1.1.5"));
+        assert_eq!(
+            target(&capped, "1.2").as_deref(),
+            Some("1.1.5"),
+            "downgrade"
+        );
+        assert_eq!(
+            target(&capped, "1.0").as_deref(),
+            Some("1.1.5"),
+            "capped update"
+        );
+        assert_eq!(target(&capped, "1.1.5"), None);
+
+        assert_eq!(target(&ChannelIndex::empty("x"), "1.0"), None);
     }
 
     #[test]
