@@ -1096,11 +1096,19 @@ async fn read_verified(repo: &tough::Repository, name: &str) -> Result<Vec<u8>, 
     Ok(stream.into_vec().await?)
 }
 
-/// A loaded, verified channel (client side).
+/// A loaded, verified channel for async callers (the updater daemon). [`Channel`] wraps it
+/// for blocking callers.
 #[derive(Debug)]
-pub struct Channel {
+pub struct AsyncChannel {
     repo: tough::Repository,
     index: ChannelIndex,
+}
+
+/// A loaded, verified channel for blocking callers (the CLI, tests). Must not be used
+/// from inside an async runtime: use [`AsyncChannel`] there.
+#[derive(Debug)]
+pub struct Channel {
+    inner: AsyncChannel,
     rt: tokio::runtime::Runtime,
 }
 
@@ -1141,27 +1149,40 @@ pub fn load_with(
     trusted_root: &Path,
     opts: &LoadOptions,
 ) -> Result<Channel, LoadError> {
-    let root = fs::read(trusted_root)
-        .with_context(|| format!("reading the trusted root {}", trusted_root.display()))?;
-    let base = base_url(base)?;
-    let join = |d: &str| {
-        base.join(&format!("{d}/"))
-            .with_context(|| format!("joining {d} to {base}"))
-    };
-    let (metadata, targets) = (join(METADATA_DIR)?, join(TARGETS_DIR)?);
     let rt = runtime()?;
-    let (repo, index) = rt.block_on(async {
-        let mut loader = RepositoryLoader::new(&root, metadata, targets);
+    let inner = rt.block_on(AsyncChannel::load(base, trusted_root, opts))?;
+    Ok(Channel { inner, rt })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, LoadError> {
+    serde_json::from_slice(bytes).map_err(|e| LoadError::Invalid {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+impl AsyncChannel {
+    /// [`load_with`] for async callers.
+    pub async fn load(
+        base: &str,
+        trusted_root: &Path,
+        opts: &LoadOptions,
+    ) -> Result<Self, LoadError> {
+        let root = tokio::fs::read(trusted_root)
+            .await
+            .with_context(|| format!("reading the trusted root {}", trusted_root.display()))?;
+        let base = base_url(base)?;
+        let join = |d: &str| {
+            base.join(&format!("{d}/"))
+                .with_context(|| format!("joining {d} to {base}"))
+        };
+        let mut loader = RepositoryLoader::new(&root, join(METADATA_DIR)?, join(TARGETS_DIR)?);
         if let Some(d) = &opts.datastore {
             loader = loader.datastore(d.clone());
         }
         let repo = loader.load().await?;
         let bytes = read_verified(&repo, CHANNEL_INDEX_TARGET).await?;
-        let index: ChannelIndex =
-            serde_json::from_slice(&bytes).map_err(|e| LoadError::Invalid {
-                what: CHANNEL_INDEX_TARGET.to_owned(),
-                detail: e.to_string(),
-            })?;
+        let index: ChannelIndex = parse_json(CHANNEL_INDEX_TARGET, &bytes)?;
         if index.schema > RELEASE_SCHEMA_VERSION {
             return Err(LoadError::Invalid {
                 what: CHANNEL_INDEX_TARGET.to_owned(),
@@ -1171,12 +1192,9 @@ pub fn load_with(
                 ),
             });
         }
-        Ok((repo, index))
-    })?;
-    Ok(Channel { repo, index, rt })
-}
+        Ok(Self { repo, index })
+    }
 
-impl Channel {
     /// The verified channel index.
     pub fn index(&self) -> &ChannelIndex {
         &self.index
@@ -1193,19 +1211,15 @@ impl Channel {
     }
 
     /// The release manifest of `version`.
-    pub fn release(&self, version: &str) -> Result<ReleaseManifest, LoadError> {
+    pub async fn release(&self, version: &str) -> Result<ReleaseManifest, LoadError> {
         let entry = self
             .index
             .find(version)
             .ok_or_else(|| LoadError::NotFound {
                 name: format!("release {version}"),
             })?;
-        let bytes = self.read_target(&entry.manifest)?;
-        let m: ReleaseManifest =
-            serde_json::from_slice(&bytes).map_err(|e| LoadError::Invalid {
-                what: entry.manifest.clone(),
-                detail: e.to_string(),
-            })?;
+        let bytes = self.read_target(&entry.manifest).await?;
+        let m: ReleaseManifest = parse_json(&entry.manifest, &bytes)?;
         if m.schema > RELEASE_SCHEMA_VERSION || m.version != version {
             return Err(LoadError::Invalid {
                 what: entry.manifest.clone(),
@@ -1219,54 +1233,96 @@ impl Channel {
     }
 
     /// The manifest of the channel's `latest` release, if any.
-    pub fn latest_release(&self) -> Result<Option<ReleaseManifest>, LoadError> {
+    pub async fn latest_release(&self) -> Result<Option<ReleaseManifest>, LoadError> {
         match &self.index.latest {
-            Some(v) => self.release(v).map(Some),
+            Some(v) => self.release(v).await.map(Some),
             None => Ok(None),
         }
     }
 
     /// The bytes of target `name`, returned only after the whole target verified.
-    pub fn read_target(&self, name: &str) -> Result<Vec<u8>, LoadError> {
-        self.rt.block_on(read_verified(&self.repo, name))
+    pub async fn read_target(&self, name: &str) -> Result<Vec<u8>, LoadError> {
+        read_verified(&self.repo, name).await
     }
 
     /// Streams target `name` into `dest` without holding it in memory: into a temporary
     /// file next to `dest`, renamed to `dest` only after tough has verified the whole
-    /// target. On any error `dest` is left untouched.
-    pub fn save_target(&self, name: &str, dest: &Path) -> Result<(), LoadError> {
+    /// target. On any error `dest` is left untouched and the temporary file removed.
+    pub async fn save_target(&self, name: &str, dest: &Path) -> Result<(), LoadError> {
         use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
         let dir = match dest.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        self.rt.block_on(async {
-            let tn = TargetName::new(name)?;
-            let mut stream =
-                self.repo
-                    .read_target(&tn)
-                    .await?
-                    .ok_or_else(|| LoadError::NotFound {
-                        name: name.to_owned(),
-                    })?;
-            let tmp = tempfile::Builder::new()
-                .prefix(".partial-")
-                .tempfile_in(dir)
-                .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-            let mut w = BufWriter::new(tmp);
-            while let Some(chunk) = stream.next().await {
-                w.write_all(&chunk?)
-                    .with_context(|| format!("writing next to {}", dest.display()))?;
-            }
-            let tmp = w
-                .into_inner()
-                .map_err(|e| anyhow!("writing next to {}: {}", dest.display(), e.error()))?;
-            tmp.as_file()
-                .sync_all()
-                .with_context(|| format!("syncing next to {}", dest.display()))?;
-            tmp.persist(dest)
-                .map_err(|e| anyhow!("moving into {}: {}", dest.display(), e.error))?;
-            Ok(())
-        })
+        let tn = TargetName::new(name)?;
+        let mut stream = self
+            .repo
+            .read_target(&tn)
+            .await?
+            .ok_or_else(|| LoadError::NotFound {
+                name: name.to_owned(),
+            })?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".partial-")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        let handle = tmp
+            .as_file()
+            .try_clone()
+            .with_context(|| format!("opening {}", tmp.path().display()))?;
+        let mut w = tokio::io::BufWriter::new(tokio::fs::File::from_std(handle));
+        while let Some(chunk) = stream.next().await {
+            w.write_all(&chunk?)
+                .await
+                .with_context(|| format!("writing {}", tmp.path().display()))?;
+        }
+        w.flush()
+            .await
+            .with_context(|| format!("writing {}", tmp.path().display()))?;
+        w.get_ref()
+            .sync_all()
+            .await
+            .with_context(|| format!("syncing {}", tmp.path().display()))?;
+        tmp.persist(dest)
+            .map_err(|e| anyhow!("moving into {}: {}", dest.display(), e.error))?;
+        Ok(())
+    }
+}
+
+impl Channel {
+    /// The async channel inside.
+    pub fn as_async(&self) -> &AsyncChannel {
+        &self.inner
+    }
+
+    /// The verified channel index.
+    pub fn index(&self) -> &ChannelIndex {
+        self.inner.index()
+    }
+
+    /// Versions of the trusted root, targets, snapshot and timestamp metadata.
+    pub fn metadata_versions(&self) -> [u64; 4] {
+        self.inner.metadata_versions()
+    }
+
+    /// The release manifest of `version`.
+    pub fn release(&self, version: &str) -> Result<ReleaseManifest, LoadError> {
+        self.rt.block_on(self.inner.release(version))
+    }
+
+    /// The manifest of the channel's `latest` release, if any.
+    pub fn latest_release(&self) -> Result<Option<ReleaseManifest>, LoadError> {
+        self.rt.block_on(self.inner.latest_release())
+    }
+
+    /// The bytes of target `name`, returned only after the whole target verified.
+    pub fn read_target(&self, name: &str) -> Result<Vec<u8>, LoadError> {
+        self.rt.block_on(self.inner.read_target(name))
+    }
+
+    /// See [`AsyncChannel::save_target`].
+    pub fn save_target(&self, name: &str, dest: &Path) -> Result<(), LoadError> {
+        self.rt.block_on(self.inner.save_target(name, dest))
     }
 }

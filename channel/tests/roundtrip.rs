@@ -358,3 +358,31 @@ fn wire_types_ignore_fields_added_by_newer_publishers() {
     assert_eq!(idx.channel, "stable");
     assert!(serde_json::from_str::<imgformat::release::ChannelIndex>(r#"{"schema":1}"#).is_err());
 }
+
+#[test]
+fn async_client_works_inside_a_runtime() {
+    // Publishing is blocking (it runs its own runtime), so set up first, then drive the
+    // async client from inside a runtime the way the updater daemon does.
+    let f = Fixture::new("stable");
+    f.publish("1.0.0", &[]);
+    let url = serve(f.dir.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = imgchannel::LoadOptions::default();
+        let ch = imgchannel::AsyncChannel::load(&url, &f.root(), &opts)
+            .await
+            .unwrap();
+        let m = ch.latest_release().await.unwrap().unwrap();
+        assert_eq!(m.version, "1.0.0");
+        let out = f.tmp.path().join("img.zst");
+        ch.save_target(&m.image.target, &out).await.unwrap();
+        let raw = std::fs::read(f.tmp.path().join("in-1.0.0/root.img")).unwrap();
+        assert_eq!(
+            zstd::decode_all(&std::fs::read(&out).unwrap()[..]).unwrap(),
+            raw
+        );
+    });
+}
