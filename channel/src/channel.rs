@@ -347,7 +347,7 @@ fn check_name(what: &str, s: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn role_keys_of(set: &RoleKeySet) -> anyhow::Result<Vec<keys::PublicKeyInfo>> {
+fn role_keys_of(set: &RoleKeySet) -> anyhow::Result<Vec<ed25519_dalek::VerifyingKey>> {
     if set.keys.is_empty() {
         bail!("a role needs at least one key");
     }
@@ -358,18 +358,11 @@ fn role_keys_of(set: &RoleKeySet) -> anyhow::Result<Vec<keys::PublicKeyInfo>> {
             set.keys.len()
         );
     }
-    set.keys
+    Ok(set
+        .keys
         .iter()
-        .map(|p| {
-            let k = keys::load_signing_key(p)?.verifying_key();
-            Ok(keys::PublicKeyInfo {
-                key_id: keys::key_id(&k),
-                public_hex: hex::encode(k.as_bytes()),
-                private_path: p.clone(),
-                public_path: keys::public_key_path(p),
-            })
-        })
-        .collect()
+        .map(|p| keys::load_signing_key(p).map(|k| k.verifying_key()))
+        .collect::<Result<_, _>>()?)
 }
 
 /// root.json content for `keys` (not yet signed).
@@ -390,8 +383,7 @@ fn build_root(
     for (role, set) in keys.sets() {
         let infos = role_keys_of(set).with_context(|| format!("keys of the {role} role"))?;
         let mut keyids = Vec::new();
-        for info in infos {
-            let vk = keys::load_signing_key(&info.private_path)?.verifying_key();
+        for vk in infos {
             let key = keys::tuf_key(&vk);
             let id = key.key_id().context("computing a key ID")?;
             root.keys.insert(id.clone(), key);

@@ -122,7 +122,7 @@ pub fn generate(path: &Path) -> Result<PublicKeyInfo, KeyError> {
     write_new(&pub_path, &json, 0o644)?;
 
     Ok(PublicKeyInfo {
-        key_id: key_id(&verifying),
+        key_id: key_id(&verifying)?,
         public_hex: hex::encode(verifying.as_bytes()),
         private_path: path.to_owned(),
         public_path: pub_path,
@@ -251,14 +251,16 @@ pub fn tuf_key(key: &VerifyingKey) -> Key {
     }
 }
 
-/// The TUF key ID (hex) of an ed25519 public key.
-pub fn key_id(key: &VerifyingKey) -> String {
-    // key_id() only fails when serde_json cannot serialise the key object, which has
-    // no maps with non-string keys; fall back to an impossible ID rather than panic.
+/// The TUF key ID (hex) of an ed25519 public key: sha256 of its canonical JSON.
+pub fn key_id(key: &VerifyingKey) -> Result<String, KeyError> {
     tuf_key(key)
         .key_id()
         .map(|id| hex::encode(AsRef::<[u8]>::as_ref(&id)))
-        .unwrap_or_default()
+        .map_err(|e| KeyError::Malformed {
+            path: PathBuf::new(),
+            what: "TUF key object",
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]

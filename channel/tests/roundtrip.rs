@@ -302,6 +302,28 @@ fn threshold_two_root_needs_both_keys() {
     assert_eq!(root["signed"]["roles"]["root"]["threshold"], 2);
     assert_eq!(root["signed"]["consistent_snapshot"], true);
     assert_eq!(root["signatures"].as_array().unwrap().len(), 2);
+    // The key IDs `keys generate` reports are the ones root.json lists for each role.
+    let id = |k: &std::path::Path| {
+        imgchannel::keys::key_id(
+            &imgchannel::keys::load_public_key(&k.with_extension("pub")).unwrap(),
+        )
+        .unwrap()
+    };
+    let ids = |role: &str| -> Vec<String> {
+        let mut v: Vec<String> = root["signed"]["roles"][role]["keyids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut root_ids = vec![id(&a), id(&b)];
+    root_ids.sort();
+    assert_eq!(ids("root"), root_ids);
+    assert_eq!(ids("timestamp"), vec![id(&online)]);
+    assert!(root["signed"]["keys"][id(&online)].is_object());
 
     // Rotating with only one of the two root keys does not meet the old threshold.
     let new_keys = RoleKeys::single(&online);
