@@ -410,10 +410,41 @@ fn build_root(
     Ok(root)
 }
 
+/// Versions of targets and snapshot metadata the current timestamp chain references. A
+/// versioned file above these is an orphan of an interrupted publish: no client can have
+/// been pointed at it, so it may be replaced.
+#[derive(Debug, Clone, Copy)]
+struct Current {
+    targets: u64,
+    snapshot: u64,
+}
+
+impl Current {
+    fn of(repo: &tough::Repository) -> Self {
+        Self {
+            targets: repo.targets().signed.version.get(),
+            snapshot: repo.snapshot().signed.version.get(),
+        }
+    }
+
+    fn is_orphan(&self, name: &str) -> bool {
+        let version = |suffix: &str| {
+            name.strip_suffix(suffix)
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        version(".targets.json").is_some_and(|v| v > self.targets)
+            || version(".snapshot.json").is_some_and(|v| v > self.snapshot)
+    }
+}
+
 /// Moves metadata written in `staging` into `metadata/` so that a client never sees a
-/// half-written state: versioned files first (never replacing a different file), then
-/// `timestamp.json` with one atomic rename.
-fn commit_metadata(staging: &Path, metadata: &Path) -> anyhow::Result<()> {
+/// half-written state: versioned files first (never replacing a file a client may have
+/// seen), then `timestamp.json` with one atomic rename.
+fn commit_metadata(
+    staging: &Path,
+    metadata: &Path,
+    current: Option<Current>,
+) -> anyhow::Result<()> {
     fs::create_dir_all(metadata).with_context(|| format!("creating {}", metadata.display()))?;
     let mut names: Vec<String> = fs::read_dir(staging)
         .with_context(|| format!("reading {}", staging.display()))?
@@ -439,6 +470,12 @@ fn commit_metadata(staging: &Path, metadata: &Path) -> anyhow::Result<()> {
         let dst = metadata.join(name);
         fsync_file(&src)?;
         if name == "timestamp.json" {
+            fs::rename(&src, &dst)
+                .with_context(|| format!("moving {} to {}", src.display(), dst.display()))?;
+            continue;
+        }
+        if dst.exists() && current.is_some_and(|c| c.is_orphan(name)) {
+            tracing::warn!(path = %dst.display(), "replacing metadata left by an interrupted publish");
             fs::rename(&src, &dst)
                 .with_context(|| format!("moving {} to {}", src.display(), dst.display()))?;
             continue;
@@ -556,7 +593,7 @@ pub fn init(
                 .await?;
         }
         signed.write(&meta).await?;
-        commit_metadata(&meta, &layout.metadata)?;
+        commit_metadata(&meta, &layout.metadata, None)?;
         Ok::<_, PublishError>(())
     })
 }
@@ -865,7 +902,7 @@ async fn publish_async(
     }
     let meta = staging.path().join(METADATA_DIR);
     signed.write(&meta).await?;
-    commit_metadata(&meta, &layout.metadata)?;
+    commit_metadata(&meta, &layout.metadata, Some(Current::of(&repo)))?;
     tracing::info!(version, targets_version, downgrade, "published");
     Ok(Published {
         manifest,
@@ -923,7 +960,7 @@ pub fn refresh(dir: &Path, keys: &SigningKeys, expiry: &ExpiryPolicy) -> Result<
             .with_context(|| format!("creating a staging directory in {}", dir.display()))?;
         snapshot.write(staging.path(), true).await?;
         timestamp.write(staging.path(), true).await?;
-        commit_metadata(staging.path(), &layout.metadata)?;
+        commit_metadata(staging.path(), &layout.metadata, Some(Current::of(&repo)))?;
         Ok(())
     })
 }
@@ -972,7 +1009,7 @@ pub fn rotate_root(
             .await
             .context("re-signing targets, snapshot and timestamp with the new keys")?;
         signed.write(&meta).await?;
-        commit_metadata(&meta, &layout.metadata)?;
+        commit_metadata(&meta, &layout.metadata, Some(Current::of(&repo)))?;
         Ok(version.get())
     })
 }

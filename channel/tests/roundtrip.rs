@@ -408,3 +408,16 @@ fn async_client_works_inside_a_runtime() {
         );
     });
 }
+
+#[test]
+fn metadata_left_by_an_interrupted_publish_does_not_block_the_next_one() {
+    let f = Fixture::new("stable");
+    f.publish("1.0.0", &[]);
+    // A publish that died after writing 3.targets.json but before timestamp.json.
+    std::fs::write(f.dir.join("metadata/3.targets.json"), b"{\"partial\":").unwrap();
+    std::fs::write(f.dir.join("metadata/3.snapshot.json"), b"").unwrap();
+    f.publish("1.1.0", &["1.0.0"]);
+    let ch = imgchannel::load(f.dir.to_str().unwrap(), &f.root()).unwrap();
+    assert_eq!(ch.metadata_versions(), [1, 3, 3, 3]);
+    assert_eq!(ch.latest_release().unwrap().unwrap().version, "1.1.0");
+}
