@@ -6,5 +6,6 @@
 
 pub mod boot;
 pub mod layout;
+pub mod release;
 
 pub use layout::{PartitionRole, Slot};
