@@ -17,10 +17,10 @@ use uuid::Uuid;
 
 use crate::compose::{self, ComposeOptions, Composed};
 use crate::disk::{self, DiskContents, DiskLayout, DiskSizes};
-use crate::esp::{EspFile, EspSource};
 use crate::filesystem::{self, Ext4Spec};
 use crate::progress::{self, run_capture, run_logged, Progress};
 use crate::recipe::{Format, Recipe};
+use imgdisk::esp::{EspFile, EspSource};
 use imgformat::boot::{self as bootspec, BootEntry};
 use imgformat::Slot;
 

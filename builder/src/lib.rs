@@ -7,7 +7,6 @@ pub mod cli;
 pub mod compose;
 pub mod disk;
 pub mod doctor;
-pub mod esp;
 pub mod filesystem;
 pub mod progress;
 pub mod recipe;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use imgbuild::disk::{self, DiskContents, DiskLayout, DiskSizes};
-use imgbuild::esp::{read_esp_file, EspFile};
 use imgbuild::filesystem::{make_ext4, normalize_tree, Ext4Spec};
+use imgdisk::esp::{read_esp_file, EspFile};
 use imgformat::boot::{self, BootEntry, LoaderConf};
 use imgformat::layout::{PartitionRole, Slot};
 use sha2::{Digest, Sha256};
@@ -199,8 +199,8 @@ fn disk_reads_back_with_gpt_sfdisk_fatfs_and_e2fsprogs() {
         let slice =
             fscommon::StreamSlice::new(&file, esp.offset(), esp.offset() + esp.size()).unwrap();
         let expected = match &f.source {
-            imgbuild::esp::EspSource::Bytes(b) => b.clone(),
-            imgbuild::esp::EspSource::File(p) => fs::read(p).unwrap(),
+            imgdisk::esp::EspSource::Bytes(b) => b.clone(),
+            imgdisk::esp::EspSource::File(p) => fs::read(p).unwrap(),
         };
         assert_eq!(
             read_esp_file(slice, &f.path).unwrap(),
