@@ -4,6 +4,9 @@
 //! This crate owns types and constants only. It must never do I/O policy, networking or
 //! anything a node and a builder could disagree on at run time.
 
+pub mod chunk;
+pub mod delta;
+pub mod error;
 pub mod layout;
 
 pub use layout::{PartitionRole, Slot};
