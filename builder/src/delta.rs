@@ -40,8 +40,10 @@ const MAX_PIECE: u64 = 64 << 20;
 /// Options of [`make_delta`].
 #[derive(Debug, Clone)]
 pub struct DeltaOptions {
-    /// zstd level for literals and patch streams.
+    /// zstd level for literals and the new bytes of patches.
     pub level: i32,
+    /// zstd level for the control and diff streams of patches (long, mostly zeros).
+    pub diff_level: i32,
     /// Run the file-level stage (needs two ext4 images; silently off otherwise).
     pub file_diff: bool,
     /// Apply the written delta to the old image and check the result's hash.
@@ -52,6 +54,7 @@ impl Default for DeltaOptions {
     fn default() -> Self {
         Self {
             level: 19,
+            diff_level: 9,
             file_diff: true,
             verify: true,
         }
@@ -200,8 +203,8 @@ fn plan_pieces(old: &[u8], new: &[u8], bs: u64) -> Result<Vec<Piece>> {
 }
 
 /// bsdiff-style patch turning `reference` into `data`.
-fn diff_patch(reference: &[u8], data: &[u8], level: i32) -> Result<Patch> {
-    let mut pb = PatchBuilder::new(level)?;
+fn diff_patch(reference: &[u8], data: &[u8], opts: &DeltaOptions) -> Result<Patch> {
+    let mut pb = PatchBuilder::with_levels(opts.diff_level, opts.level)?;
     let mut old_pos: i64 = 0;
     let mut new_pos: usize = 0;
     let mut diff = Vec::new();
@@ -384,7 +387,7 @@ pub fn make_delta(old: &Path, new: &Path, out: &Path, opts: &DeltaOptions) -> Re
                 reference_buf
                     .extend_from_slice(&old_img[e.offset as usize..(e.offset + e.len) as usize]);
             }
-            diff_patch(&reference_buf, data, opts.level).ok()
+            diff_patch(&reference_buf, data, opts).ok()
         };
         match patch {
             Some(patch) if patch.len() <= MAX_PATCH_LEN as usize => {

@@ -140,12 +140,19 @@ fn capped_encoder(level: i32) -> io::Result<zstd::stream::write::Encoder<'static
 }
 
 impl PatchBuilder {
-    /// A new builder compressing at zstd `level`.
+    /// A new builder compressing all three streams at zstd `level`.
     pub fn new(level: i32) -> io::Result<Self> {
+        Self::with_levels(level, level)
+    }
+
+    /// A new builder compressing the control and diff streams at `diff_level` and the
+    /// extra (new bytes) stream at `extra_level`. The diff stream is long and mostly zeros:
+    /// high levels cost much time there for little gain.
+    pub fn with_levels(diff_level: i32, extra_level: i32) -> io::Result<Self> {
         Ok(Self {
-            ctrl: capped_encoder(level)?,
-            diff: capped_encoder(level)?,
-            extra: capped_encoder(level)?,
+            ctrl: capped_encoder(diff_level)?,
+            diff: capped_encoder(diff_level)?,
+            extra: capped_encoder(extra_level)?,
         })
     }
 
