@@ -5,6 +5,7 @@
 pub mod build;
 pub mod cli;
 pub mod compose;
+pub mod delta;
 pub mod disk;
 pub mod doctor;
 pub mod filesystem;

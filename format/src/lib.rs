@@ -5,6 +5,9 @@
 //! anything a node and a builder could disagree on at run time.
 
 pub mod boot;
+pub mod chunk;
+pub mod delta;
+pub mod error;
 pub mod layout;
 pub mod release;
 

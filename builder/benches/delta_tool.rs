@@ -1,0 +1,195 @@
+//! Benchmark driver for `bench/delta.sh` (a `harness = false` bench target, so it builds
+//! with `cargo bench --no-run` in release mode): makes and applies deltas and measures
+//! chunking choices on real images, printing `key=value` figures. It measures; it asserts
+//! nothing about speed.
+//!
+//! ```text
+//! delta_tool make OLD NEW OUT [--no-file-diff] [--level N] [--diff-level N]
+//! delta_tool apply SOURCE DELTA TARGET [--no-verify-source] [--fsync]
+//! delta_tool chunks OLD NEW
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::BufWriter;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use imgbuild::delta::{chunk_index_with, chunks_missing, make_delta, DeltaOptions};
+use imgformat::chunk::Chunking;
+use imgformat::delta::{apply_with, ApplyOptions};
+
+/// Current anonymous RSS in KiB (from /proc/self/status).
+fn rss_anon_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Samples RssAnon every 5 ms and keeps the maximum.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let (s, p) = (stop.clone(), peak.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss_anon_kib(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Self {
+            stop,
+            peak,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.peak.load(Ordering::Relaxed).max(rss_anon_kib())
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let pos: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    match pos.as_slice() {
+        ["make", old, new, out, rest @ ..] => {
+            let level = args
+                .iter()
+                .position(|a| a == "--level")
+                .and_then(|i| args.get(i + 1))
+                .map(|v| v.parse())
+                .transpose()
+                .context("--level")?
+                .unwrap_or(19);
+            let diff_level = args
+                .iter()
+                .position(|a| a == "--diff-level")
+                .and_then(|i| args.get(i + 1))
+                .map(|v| v.parse())
+                .transpose()
+                .context("--diff-level")?
+                .unwrap_or(9);
+            let _ = rest;
+            let opts = DeltaOptions {
+                level,
+                diff_level,
+                file_diff: !flag("--no-file-diff"),
+                verify: true,
+            };
+            let s = make_delta(Path::new(old), Path::new(new), Path::new(out), &opts)?;
+            println!(
+                "delta_size={} copied={} zeroed={} literal={} file_diff={} patch_bytes={} \
+                 files_same_path={} files_renamed={} seconds={:.1}",
+                s.delta_size,
+                s.copied,
+                s.zeroed,
+                s.literal,
+                s.file_diff,
+                s.patch_bytes,
+                s.files_same_path,
+                s.files_renamed,
+                s.seconds
+            );
+        }
+        ["apply", source, delta, target] => {
+            let sampler = RssSampler::start();
+            let t0 = Instant::now();
+            let src = File::open(source).with_context(|| format!("opening {source}"))?;
+            let d = File::open(delta).with_context(|| format!("opening {delta}"))?;
+            let out = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(target)
+                .with_context(|| format!("opening {target}"))?;
+            let mut w = BufWriter::with_capacity(0, out);
+            let opts = ApplyOptions {
+                verify_source: !flag("--no-verify-source"),
+            };
+            let stats = apply_with(src, d, &mut w, opts)?;
+            if flag("--fsync") {
+                w.get_ref().sync_all()?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let peak = sampler.finish();
+            println!(
+                "apply_seconds={secs:.2} throughput_mib_s={:.0} peak_rss_anon_kib={peak} ops={} \
+                 copied={} zeroed={} literal={} file_diff={}",
+                stats.target_size as f64 / secs / 1048576.0,
+                stats.ops,
+                stats.copied,
+                stats.zeroed,
+                stats.literal,
+                stats.file_diff
+            );
+        }
+        ["chunks", old, new] => {
+            let fixed = |k: u32| Chunking::Fixed { size: k << 10 };
+            let cdc = |min: u32, avg: u32, max: u32| Chunking::FastCdc {
+                min: min << 10,
+                avg: avg << 10,
+                max: max << 10,
+            };
+            println!(
+                "{:<28} {:>8} {:>12} {:>14} {:>14}",
+                "chunking", "chunks", "index_json", "fetch_bytes", "fetch+index"
+            );
+            for c in [
+                fixed(4),
+                fixed(16),
+                fixed(64),
+                fixed(256),
+                cdc(4, 16, 64),
+                cdc(16, 64, 256),
+                cdc(64, 256, 1024),
+            ] {
+                let a = chunk_index_with(Path::new(old), c)?;
+                let b = chunk_index_with(Path::new(new), c)?;
+                let json = b.to_json()?.len() as u64;
+                let plan = chunks_missing(&b, &a);
+                let name = match c {
+                    Chunking::Fixed { size } => format!("fixed {}K", size >> 10),
+                    Chunking::FastCdc { min, avg, max } => {
+                        format!("fastcdc {}K/{}K/{}K", min >> 10, avg >> 10, max >> 10)
+                    }
+                };
+                println!(
+                    "{name:<28} {:>8} {json:>12} {:>14} {:>14}",
+                    b.chunks.len(),
+                    plan.fetch_bytes,
+                    plan.fetch_bytes + json
+                );
+            }
+        }
+        _ => bail!("usage: delta_tool make|apply|chunks ... (see the module docs)"),
+    }
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! Codec and applier tests: round trips, and every malformed input a typed error.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use super::*;
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn header(source: &[u8], target: &[u8]) -> DeltaHeader {
+    DeltaHeader {
+        source_size: source.len() as u64,
+        source_sha256: Sha256Digest::of(source),
+        target_size: target.len() as u64,
+        target_sha256: Sha256Digest::of(target),
+    }
+}
+
+/// A patch turning `reference` into `new` with bytewise add for a common prefix length
+/// and extra bytes for the rest (enough to exercise the applier).
+fn simple_patch(reference: &[u8], new: &[u8]) -> Patch {
+    let common = reference.len().min(new.len());
+    let diff: Vec<u8> = new[..common]
+        .iter()
+        .zip(&reference[..common])
+        .map(|(n, o)| n.wrapping_sub(*o))
+        .collect();
+    let mut b = PatchBuilder::new(3).unwrap();
+    let half = common / 2;
+    b.push(0, &diff[..half], &[]).unwrap();
+    b.push(0, &diff[half..], &new[common..]).unwrap();
+    b.finish().unwrap()
+}
+
+/// Source and target sharing moved blocks, a zero run, literals and one changed "file"
+/// spread over two source extents.
+fn fixture() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let source = pseudo_random(64 * 1024, 1);
+    let mut file_old = source[4096..8192].to_vec();
+    file_old.extend_from_slice(&source[40960..45056]);
+    let mut file_new = file_old.clone();
+    for i in (0..file_new.len()).step_by(97) {
+        file_new[i] ^= 0x5a;
+    }
+    file_new.extend_from_slice(b"appended tail");
+    let lit = pseudo_random(2_000, 2);
+
+    let mut target = Vec::new();
+    target.extend_from_slice(&source[16384..32768]); // moved block run
+    target.extend_from_slice(&[0u8; 5000]);
+    target.extend_from_slice(&lit);
+    target.extend_from_slice(&file_new);
+    target.extend_from_slice(&source[0..4096]);
+
+    let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 3).unwrap();
+    for blk in 0..4u64 {
+        w.copy_source(16384 + blk * 4096, 4096).unwrap(); // merged into one op
+    }
+    w.zero(5000).unwrap();
+    w.literal(&lit[..700]).unwrap();
+    w.literal(&lit[700..]).unwrap();
+    let extents = [
+        Extent {
+            offset: 4096,
+            len: 4096,
+        },
+        Extent {
+            offset: 40960,
+            len: 4096,
+        },
+    ];
+    w.file_diff(
+        &extents,
+        file_new.len() as u64,
+        &simple_patch(&file_old, &file_new),
+    )
+    .unwrap();
+    w.copy_source(0, 4096).unwrap();
+    let delta = w.finish().unwrap();
+    (source, target, delta)
+}
+
+#[test]
+fn round_trip_reproduces_target() {
+    let (source, target, delta) = fixture();
+    let mut out = Vec::new();
+    let stats = apply(io::Cursor::new(&source), &delta[..], &mut out).unwrap();
+    assert_eq!(Sha256Digest::of(&out), Sha256Digest::of(&target));
+    assert_eq!(out, target);
+    assert_eq!(stats.copied, 16384 + 4096);
+    assert_eq!(stats.zeroed, 5000);
+    assert_eq!(stats.literal, 2_000);
+    assert_eq!(stats.file_diff, 8192 + 13);
+    // copy (merged), zero, literal (merged), file diff, copy
+    assert_eq!(stats.ops, 5);
+}
+
+#[test]
+fn decoder_yields_the_ops_written() {
+    let (_, _, delta) = fixture();
+    let mut r = DeltaReader::new(&delta[..]).unwrap();
+    let mut kinds = Vec::new();
+    while let Some(op) = r.next_op().unwrap() {
+        kinds.push(match op {
+            Op::CopySource { offset, len } => format!("copy {offset}+{len}"),
+            Op::Zero { len } => format!("zero {len}"),
+            Op::Literal { raw_len, .. } => format!("literal {raw_len}"),
+            Op::FileDiff { out_len, .. } => format!("diff {out_len}"),
+        });
+    }
+    assert_eq!(
+        kinds,
+        [
+            "copy 16384+16384",
+            "zero 5000",
+            "literal 2000",
+            "diff 8205",
+            "copy 0+4096"
+        ]
+    );
+}
+
+#[test]
+fn large_literals_are_split_at_the_cap() {
+    let source = vec![1u8; 10];
+    let target = pseudo_random(MAX_LITERAL_LEN as usize + 100, 3);
+    let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
+    w.literal(&target).unwrap();
+    let delta = w.finish().unwrap();
+    let mut out = Vec::new();
+    let stats = apply(io::Cursor::new(&source), &delta[..], &mut out).unwrap();
+    assert_eq!(out, target);
+    assert_eq!(stats.ops, 2);
+}
+
+#[test]
+fn truncation_at_every_offset_is_a_typed_error() {
+    let (source, _, delta) = fixture();
+    for cut in 0..delta.len() {
+        let mut out = Vec::new();
+        let r = apply(io::Cursor::new(&source), &delta[..cut], &mut out);
+        assert!(
+            matches!(r, Err(DeltaError::Truncated { .. })),
+            "cut at {cut}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn trailing_bytes_are_rejected() {
+    let (source, _, mut delta) = fixture();
+    delta.push(0);
+    let r = apply(io::Cursor::new(&source), &delta[..], Vec::new());
+    assert!(matches!(r, Err(DeltaError::TrailingData)), "{r:?}");
+}
+
+#[test]
+fn bad_magic_version_and_flags_are_rejected() {
+    let (source, _, delta) = fixture();
+    let mut d = delta.clone();
+    d[0] = b'X';
+    assert!(matches!(
+        apply(io::Cursor::new(&source), &d[..], Vec::new()),
+        Err(DeltaError::BadMagic)
+    ));
+    let mut d = delta.clone();
+    d[8..12].copy_from_slice(&7u32.to_le_bytes());
+    assert!(matches!(
+        apply(io::Cursor::new(&source), &d[..], Vec::new()),
+        Err(DeltaError::UnsupportedVersion(7))
+    ));
+    let mut d = delta.clone();
+    d[12] = 1;
+    assert!(matches!(
+        apply(io::Cursor::new(&source), &d[..], Vec::new()),
+        Err(DeltaError::UnsupportedFlags(1))
+    ));
+}
+
+/// A header for a 100-byte source and target, followed by `ops`.
+fn raw_delta(ops: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let source = vec![7u8; 100];
+    let target = vec![7u8; 100];
+    let mut d = header(&source, &target).encode().to_vec();
+    d.extend_from_slice(ops);
+    (source, d)
+}
+
+fn apply_raw(ops: &[u8]) -> Result<ApplyStats, DeltaError> {
+    let (source, d) = raw_delta(ops);
+    apply(io::Cursor::new(source), &d[..], Vec::new())
+}
+
+#[test]
+fn unknown_op_is_rejected() {
+    let r = apply_raw(&[0x7f]);
+    assert!(
+        matches!(r, Err(DeltaError::UnknownOp { tag: 0x7f, at: 96 })),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn overlong_lengths_are_rejected_before_allocating() {
+    // Literal claiming 4 GiB raw.
+    let mut op = vec![TAG_LITERAL];
+    op.extend_from_slice(&u32::MAX.to_le_bytes());
+    op.extend_from_slice(&10u32.to_le_bytes());
+    assert!(matches!(
+        apply_raw(&op),
+        Err(DeltaError::OverCap {
+            what: "literal length",
+            ..
+        })
+    ));
+    // Literal with a compressed length over the cap.
+    let mut op = vec![TAG_LITERAL];
+    op.extend_from_slice(&10u32.to_le_bytes());
+    op.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(apply_raw(&op), Err(DeltaError::OverCap { .. })));
+    // FileDiff with too many extents.
+    let mut op = vec![TAG_FILE_DIFF];
+    op.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        apply_raw(&op),
+        Err(DeltaError::OverCap {
+            what: "extent count",
+            ..
+        })
+    ));
+    // FileDiff with patch streams over the cap.
+    let mut op = vec![TAG_FILE_DIFF];
+    op.extend_from_slice(&0u32.to_le_bytes());
+    op.extend_from_slice(&50u64.to_le_bytes());
+    op.extend_from_slice(&(MAX_PATCH_LEN).to_le_bytes());
+    op.extend_from_slice(&1u32.to_le_bytes());
+    op.extend_from_slice(&0u32.to_le_bytes());
+    assert!(matches!(
+        apply_raw(&op),
+        Err(DeltaError::OverCap {
+            what: "patch length",
+            ..
+        })
+    ));
+    // Zero run longer than the target.
+    let mut op = vec![TAG_ZERO];
+    op.extend_from_slice(&u64::MAX.to_le_bytes());
+    assert!(matches!(
+        apply_raw(&op),
+        Err(DeltaError::TargetOverrun { .. })
+    ));
+    // Copy whose end overflows u64.
+    let mut op = vec![TAG_COPY_SOURCE];
+    op.extend_from_slice(&u64::MAX.to_le_bytes());
+    op.extend_from_slice(&2u64.to_le_bytes());
+    assert!(matches!(
+        apply_raw(&op),
+        Err(DeltaError::SourceRange { .. })
+    ));
+    // Copy past the end of the source.
+    let mut op = vec![TAG_COPY_SOURCE];
+    op.extend_from_slice(&90u64.to_le_bytes());
+    op.extend_from_slice(&20u64.to_le_bytes());
+    assert!(matches!(
+        apply_raw(&op),
+        Err(DeltaError::SourceRange { .. })
+    ));
+}
+
+#[test]
+fn end_before_target_size_is_rejected() {
+    let mut op = vec![TAG_COPY_SOURCE];
+    op.extend_from_slice(&0u64.to_le_bytes());
+    op.extend_from_slice(&50u64.to_le_bytes());
+    op.push(TAG_END);
+    assert!(matches!(
+        apply_raw(&op),
+        Err(DeltaError::TargetShort {
+            written: 50,
+            target_size: 100
+        })
+    ));
+}
+
+#[test]
+fn wrong_source_is_rejected_before_writing() {
+    let (mut source, _, delta) = fixture();
+    source[100] ^= 1;
+    let mut out = Vec::new();
+    let r = apply(io::Cursor::new(&source), &delta[..], &mut out);
+    assert!(matches!(r, Err(DeltaError::SourceHash { .. })), "{r:?}");
+    assert!(out.is_empty());
+    source.push(0);
+    let r = apply(io::Cursor::new(&source), &delta[..], &mut out);
+    assert!(matches!(r, Err(DeltaError::SourceSize { .. })), "{r:?}");
+}
+
+#[test]
+fn unverified_wrong_source_still_fails_the_target_hash() {
+    let (mut source, _, delta) = fixture();
+    source[16384 + 5] ^= 1; // a byte the first copy op uses
+    let r = apply_with(
+        io::Cursor::new(&source),
+        &delta[..],
+        Vec::new(),
+        ApplyOptions {
+            verify_source: false,
+        },
+    );
+    assert!(matches!(r, Err(DeltaError::TargetHash { .. })), "{r:?}");
+}
+
+#[test]
+fn corrupt_literal_is_a_typed_error() {
+    let source = vec![1u8; 10];
+    let target = pseudo_random(1000, 9);
+    let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 3).unwrap();
+    w.literal(&target).unwrap();
+    let mut delta = w.finish().unwrap();
+    // Flip every byte of the compressed payload in turn: each result is an error, never a
+    // panic (a flip zstd does not notice is caught by the target hash).
+    for i in HEADER_LEN + 9..delta.len() - 1 {
+        delta[i] ^= 0xff;
+        let r = apply(io::Cursor::new(&source), &delta[..], Vec::new());
+        assert!(
+            matches!(
+                r,
+                Err(DeltaError::Corrupt { .. } | DeltaError::TargetHash { .. })
+            ),
+            "flip at {i}: {r:?}"
+        );
+        delta[i] ^= 0xff;
+    }
+}
+
+#[test]
+fn hostile_patches_are_typed_errors() {
+    let source = pseudo_random(8192, 4);
+    let target = source[..4096].to_vec();
+    let ext = [Extent {
+        offset: 0,
+        len: 4096,
+    }];
+    let cases: Vec<(i64, usize, usize, &str)> = vec![
+        (-1, 0, 0, "seek before start"),
+        (4097, 0, 0, "seek past end"),
+        (0, 4096, 1, "produces more"),
+        (0, 100, 0, "produces less"),
+    ];
+    for (seek, add, extra, what) in cases {
+        let mut b = PatchBuilder::new(1).unwrap();
+        b.push(seek, &vec![0u8; add], &vec![0u8; extra]).unwrap();
+        let patch = b.finish().unwrap();
+        let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
+        w.file_diff(&ext, 4096, &patch).unwrap();
+        let delta = w.finish().unwrap();
+        let r = apply(io::Cursor::new(&source), &delta[..], Vec::new());
+        assert!(matches!(r, Err(DeltaError::BadOp { .. })), "{what}: {r:?}");
+    }
+    // Diff stream shorter than the control says.
+    let mut b = PatchBuilder::new(1).unwrap();
+    b.push(0, &[0u8; 10], &[]).unwrap();
+    let mut patch = b.finish().unwrap();
+    let mut ctrl = Vec::new();
+    ctrl.extend_from_slice(&0i64.to_le_bytes());
+    ctrl.extend_from_slice(&4096u64.to_le_bytes());
+    ctrl.extend_from_slice(&0u64.to_le_bytes());
+    patch.ctrl = zstd::bulk::compress(&ctrl, 1).unwrap();
+    let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
+    w.file_diff(&ext, 4096, &patch).unwrap();
+    let delta = w.finish().unwrap();
+    let r = apply(io::Cursor::new(&source), &delta[..], Vec::new());
+    assert!(matches!(r, Err(DeltaError::Corrupt { .. })), "{r:?}");
+    // Garbage instead of zstd.
+    let patch = Patch {
+        ctrl: vec![1, 2, 3],
+        diff: vec![],
+        extra: vec![],
+    };
+    let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
+    w.file_diff(&ext, 4096, &patch).unwrap();
+    let delta = w.finish().unwrap();
+    let r = apply(io::Cursor::new(&source), &delta[..], Vec::new());
+    assert!(matches!(r, Err(DeltaError::Corrupt { .. })), "{r:?}");
+}
+
+#[test]
+fn writer_refuses_inconsistent_ops() {
+    let source = vec![0u8; 100];
+    let target = vec![0u8; 100];
+    let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
+    assert!(matches!(
+        w.copy_source(90, 20),
+        Err(DeltaError::SourceRange { .. })
+    ));
+    assert!(matches!(w.zero(101), Err(DeltaError::TargetOverrun { .. })));
+    w.zero(50).unwrap();
+    assert!(matches!(w.finish(), Err(DeltaError::TargetShort { .. })));
+}
