@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -46,10 +46,14 @@ pub struct BuildArgs {
     /// Keep the work directory (root tree, intermediate images) for inspection.
     #[arg(long)]
     pub keep_work: bool,
+    /// Sign SHA256SUMS with this ed25519 key (`imgbuild keys generate`); without it the
+    /// outputs are marked unsigned.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
 }
 
 /// What a build made.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BuildReport {
     pub name: String,
     pub version: String,
@@ -59,9 +63,12 @@ pub struct BuildReport {
     /// Output files with sha256 and size, as listed in SHA256SUMS.
     pub artifacts: Vec<Artifact>,
     pub packages: Vec<String>,
+    /// Whether SHA256SUMS carries a signature (SHA256SUMS.sig).
+    #[serde(default)]
+    pub signed: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Artifact {
     pub file: String,
     pub sha256: String,
@@ -109,6 +116,10 @@ pub fn build(args: &BuildArgs, progress: &Progress) -> Result<BuildReport> {
         .or(recipe.image.source_date_epoch)
         .unwrap_or(DEFAULT_EPOCH);
     preflight(&recipe)?;
+    if let Some(key) = &args.key {
+        imgchannel::keys::load_signing_key(key)
+            .with_context(|| format!("checking the signing key {}", key.display()))?;
+    }
     fs::create_dir_all(&args.output)
         .with_context(|| format!("creating output directory {}", args.output.display()))?;
     let out_dir = args
@@ -267,6 +278,7 @@ fn run_steps(
         source_date_epoch: epoch,
         artifacts,
         packages,
+        signed: args.key.is_some(),
     };
     write_atomic(
         &names.manifest,
@@ -279,6 +291,30 @@ fn run_steps(
         size: 0,
     });
     write_sums(&names.sums, &listed)?;
+    let sig = names.sums.with_extension("sig");
+    let unsigned_marker = names.sums.with_file_name("UNSIGNED");
+    match &args.key {
+        Some(key) => {
+            step.message("signing SHA256SUMS");
+            imgchannel::sign_sums(&names.sums, key).with_context(|| {
+                format!("signing {} with {}", names.sums.display(), key.display())
+            })?;
+            let _ = fs::remove_file(&unsigned_marker);
+        }
+        None => {
+            let _ = fs::remove_file(&sig);
+            write_atomic(
+                &unsigned_marker,
+                b"These outputs are not signed: build with --key KEY to sign SHA256SUMS.\n",
+            )?;
+            if !progress.is_quiet() {
+                eprintln!(
+                    "    outputs are UNSIGNED (no --key): see {}",
+                    unsigned_marker.display()
+                );
+            }
+        }
+    }
     step.done(&format!(
         "{} files in {}",
         listed.len() + 1,
@@ -519,6 +555,7 @@ mod tests {
                 cache_dir: dir.path().join("cache"),
                 source_date_epoch: None,
                 keep_work: false,
+                key: None,
             },
             &Progress::new(true),
         )

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 
 use crate::build::BuildArgs;
 use crate::doctor::DoctorArgs;
+use crate::publish::PublishArgs;
 use crate::run::RunArgs;
+use imgchannel::cli::{
+    ChannelInitArgs, KeysGenerateArgs, RefreshArgs, RotateRootArgs, SignArgs, VerifyArgs,
+};
 
 /// Build signed, bootable A/B disk images for Kubernetes nodes, and boot them in QEMU.
 #[derive(Debug, Parser)]
@@ -32,6 +36,18 @@ pub enum Command {
     Run(RunArgs),
     /// List missing host tools and the apt-get line that installs them.
     Doctor(DoctorArgs),
+    /// Signing keys (ed25519, PKCS#8, mode 0600).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Sign a SHA256SUMS file (writes SHA256SUMS.sig next to it).
+    Sign(SignArgs),
+    /// Verify an artifact against a signed SHA256SUMS: signature first, then its hash.
+    Verify(VerifyArgs),
+    /// Update channels (TUF repositories served as static files).
+    #[command(subcommand)]
+    Channel(ChannelCommand),
+    /// Publish a built version into a channel, with chunk index and deltas.
+    Publish(PublishArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions {
         /// The shell.
@@ -43,4 +59,20 @@ pub enum Command {
         #[arg(default_value = "man")]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate an ed25519 key pair: PATH (private, 0600) and PATH.pub.
+    Generate(KeysGenerateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChannelCommand {
+    /// Create a channel: root.json with the role keys, empty targets.
+    Init(ChannelInitArgs),
+    /// Re-sign snapshot and timestamp so the channel does not expire (cron/CI).
+    Refresh(RefreshArgs),
+    /// Rotate the root keys: a new root.json signed by the old and the new keys.
+    RotateRoot(RotateRootArgs),
 }

@@ -10,5 +10,6 @@ pub mod disk;
 pub mod doctor;
 pub mod filesystem;
 pub mod progress;
+pub mod publish;
 pub mod recipe;
 pub mod run;

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
-use imgbuild::cli::{Cli, Command};
+use imgbuild::cli::{ChannelCommand, Cli, Command, KeysCommand};
 use imgbuild::progress::Progress;
+use imgchannel::cli as chancli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -33,6 +34,13 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Run(args) => imgbuild::run::run(&args),
         Command::Doctor(args) => imgbuild::doctor::doctor(&args),
+        Command::Keys(KeysCommand::Generate(args)) => chancli::run_keys_generate(&args),
+        Command::Sign(args) => chancli::run_sign(&args),
+        Command::Verify(args) => chancli::run_verify(&args),
+        Command::Channel(ChannelCommand::Init(args)) => chancli::run_channel_init(&args),
+        Command::Channel(ChannelCommand::Refresh(args)) => chancli::run_refresh(&args),
+        Command::Channel(ChannelCommand::RotateRoot(args)) => chancli::run_rotate_root(&args),
+        Command::Publish(args) => imgbuild::publish::publish(&args, &progress),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -31,6 +31,11 @@ impl Progress {
         }
     }
 
+    /// True under `--quiet`.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet
+    }
+
     /// Start a named step.
     pub fn step(&self, name: &str) -> Step {
         let bar = if self.fancy {

@@ -37,6 +37,7 @@ pub fn build_recipe(recipe: &str, out: &Path) -> Result<BuildReport> {
             .unwrap_or_else(|| PathBuf::from(imgbuild::compose::DEFAULT_CACHE_DIR)),
         source_date_epoch: None,
         keep_work: false,
+        key: None,
     };
     build(&args, &Progress::new(false)).with_context(|| format!("building {recipe}"))
 }
