@@ -2,6 +2,8 @@
 //! channel with chunk index and a delta -> loaded back through tough -> the delta applied
 //! to the old image gives the new image, byte for byte.
 
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
