@@ -190,7 +190,9 @@ fn run_steps(
             source: &composed.root,
             label: "root",
             uuid: derived_uuid(recipe, "root-fs"),
-            hash_seed: derived_uuid(recipe, "root-fs-hash-seed"),
+            // Stable across versions of the image (see filesystem::make_ext4): deltas
+            // between versions then carry no metadata checksum churn.
+            hash_seed: disk::derive_uuid(&recipe.image.name, "root-fs-seeds"),
             size: recipe.disk.root_size,
             epoch,
             journal: false,

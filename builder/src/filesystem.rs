@@ -268,10 +268,16 @@ pub fn make_ext4(spec: &Ext4Spec, target: &Path, offset: u64) -> Result<()> {
         .arg("-d")
         .arg(spec.source)
         .args(["-L", spec.label])
-        .args(["-U", &spec.uuid.to_string()])
+        // Made with the hash seed as UUID so that the metadata checksum seed (fixed by
+        // `metadata_csum_seed`) comes from it; the real UUID is set afterwards. Two
+        // versions built with the same hash seed then share every unchanged metadata
+        // block, which keeps deltas between them small.
+        .args(["-U", &spec.hash_seed.to_string()])
         .args(["-E", &extended]);
-    if !spec.journal {
-        cmd.args(["-O", "^has_journal"]);
+    if spec.journal {
+        cmd.args(["-O", "metadata_csum_seed"]);
+    } else {
+        cmd.args(["-O", "^has_journal,metadata_csum_seed"]);
     }
     if let Some(n) = inode_count(spec.size, usage.inodes) {
         cmd.args(["-N", &n.to_string()]);
@@ -297,6 +303,22 @@ pub fn make_ext4(spec: &Ext4Spec, target: &Path, offset: u64) -> Result<()> {
             target.display(),
             output.status,
             stderr.trim()
+        );
+    }
+
+    let mut tune = Command::new("tune2fs");
+    tune.args(["-U", &spec.uuid.to_string()]).arg(&device);
+    let output = run(&mut tune, spec.epoch, None)
+        .with_context(|| format!("running tune2fs for {}", target.display()))?;
+    if !output.status.success() {
+        if offset == 0 {
+            let _ = fs::remove_file(target);
+        }
+        bail!(
+            "tune2fs -U failed for {} ({}): {}",
+            target.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
         );
     }
 
@@ -623,6 +645,41 @@ mod tests {
         assert_eq!(content, "node-1\n");
         let link = tool("debugfs", &["-R", "stat /bin", img.to_str().unwrap()]);
         assert!(link.contains("Fast link dest: \"usr/bin\""), "{link}");
+    }
+
+    #[test]
+    fn versions_sharing_a_hash_seed_differ_only_where_the_tree_does() {
+        // Two versions: one small file changed, a different UUID each (as the builder
+        // does), the same hash seed. Metadata checksums are seeded from the hash seed, so
+        // the images differ in a few blocks only, and each carries its own UUID.
+        let dir = tempfile::tempdir().unwrap();
+        let root = tree(dir.path());
+        let a = dir.path().join("a.img");
+        make_ext4(&spec(&root), &a, 0).unwrap();
+        fs::write(root.join("etc/hostname"), "node-2\n").unwrap();
+        let b = dir.path().join("b.img");
+        let other = Ext4Spec {
+            uuid: Uuid::from_u128(0x1111_2222_3333_4444_5555_6666_7777_9999),
+            ..spec(&root)
+        };
+        make_ext4(&other, &b, 0).unwrap();
+        let (x, y) = (fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        let blocks_differing = x
+            .chunks(4096)
+            .zip(y.chunks(4096))
+            .filter(|(p, q)| p != q)
+            .count();
+        assert!(
+            (1..=8).contains(&blocks_differing),
+            "{blocks_differing} blocks differ"
+        );
+        let dump = tool("dumpe2fs", &["-h", b.to_str().unwrap()]);
+        assert!(
+            dump.contains("Filesystem UUID:          11112222-3333-4444-5555-666677779999"),
+            "{dump}"
+        );
+        assert!(dump.contains("metadata_csum_seed"), "{dump}");
+        tool("e2fsck", &["-fn", b.to_str().unwrap()]);
     }
 
     #[test]
