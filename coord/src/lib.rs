@@ -3,4 +3,5 @@
 //! to kexec. This crate decides and coordinates; it never writes slots or boot entries
 //! (the updater owns those) and never reboots on its own.
 
+pub mod fleetlock_server;
 pub mod lock;

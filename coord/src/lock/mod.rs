@@ -48,3 +48,5 @@ pub trait RebootLock: Send + Sync {
     /// Versions recorded as failed by any node of the group.
     async fn failed_releases(&self) -> Result<Vec<FailedRelease>, LockError>;
 }
+
+pub mod fleetlock;
