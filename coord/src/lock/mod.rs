@@ -49,4 +49,5 @@ pub trait RebootLock: Send + Sync {
     async fn failed_releases(&self) -> Result<Vec<FailedRelease>, LockError>;
 }
 
+pub mod etcd;
 pub mod fleetlock;
