@@ -7,3 +7,4 @@ pub mod duration;
 pub mod fleetlock_server;
 pub mod health;
 pub mod lock;
+pub mod window;
