@@ -6,5 +6,6 @@
 pub mod duration;
 pub mod fleetlock_server;
 pub mod health;
+pub mod kexec;
 pub mod lock;
 pub mod window;
