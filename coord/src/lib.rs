@@ -3,6 +3,7 @@
 //! to kexec. This crate decides and coordinates; it never writes slots or boot entries
 //! (the updater owns those) and never reboots on its own.
 
+pub mod config;
 pub mod duration;
 pub mod fleetlock_server;
 pub mod health;

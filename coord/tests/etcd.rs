@@ -205,6 +205,11 @@ async fn contend(clients: usize, slots: usize, iterations: usize) {
     assert!(max_raw <= slots);
     assert!(max_inside.load(Ordering::SeqCst) <= slots);
     assert!(samples > 10, "sampler barely ran");
+    // Clients really contended (some attempts were refused).
+    assert!(
+        attempts > clients * iterations,
+        "no contention: {attempts} attempts"
+    );
     assert_eq!(raw_slot_keys(&reqwest::Client::new(), &etcd.url).await, 0);
 }
 

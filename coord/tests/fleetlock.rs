@@ -299,7 +299,7 @@ async fn contend(clients: usize, slots: usize, iterations: usize) {
                 if c.try_acquire().await.unwrap() {
                     let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                     max_inside.fetch_max(now, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     inside.fetch_sub(1, Ordering::SeqCst);
                     c.release().await.unwrap();
                     done += 1;
@@ -329,6 +329,9 @@ async fn contend(clients: usize, slots: usize, iterations: usize) {
             .count()
     );
     assert!(max <= slots, "history shows {max} holders > {slots}");
+    // The slots were really contended, and really all used.
+    assert!(history.iter().any(|e| e.kind == EventKind::Refused));
+    assert_eq!(max, slots);
     assert!(max_inside.load(Ordering::SeqCst) <= slots);
     assert!(srv.holders("default").is_empty());
 }
@@ -372,4 +375,73 @@ async fn ttl_frees_a_dead_holder() {
         .iter()
         .any(|e| e.id == "dead" && e.kind == EventKind::Expired));
     assert!(max_holders(&h, "default") <= 1);
+}
+
+#[tokio::test]
+async fn renewal_task_keeps_the_slot_and_reports_loss() {
+    let srv = server(1, Some(Duration::from_millis(300))).await;
+    let holder: Arc<dyn RebootLock> = Arc::new(client(&srv, "holder", "default"));
+    let other = client(&srv, "other", "default");
+    assert!(holder.try_acquire().await.unwrap());
+    let renewal = imgcoord::lock::spawn_renewal(holder.clone(), Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(
+        !other.try_acquire().await.unwrap(),
+        "renewals must keep the slot"
+    );
+    renewal.stop().await.unwrap();
+    // Without renewals the TTL frees it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(other.try_acquire().await.unwrap());
+    // A renewal of a lost slot ends the task with Conflict.
+    let renewal = imgcoord::lock::spawn_renewal(holder.clone(), Duration::from_millis(50));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(renewal.is_finished());
+    assert!(matches!(renewal.stop().await, Err(LockError::Conflict(_))));
+}
+
+#[tokio::test]
+async fn gate_takes_the_lock_only_inside_a_window() {
+    use imgcoord::window::{acquire_in_window, RawWindow, Window};
+    let srv = server(1, None).await;
+    let c = client(&srv, "n", "default");
+    // No windows: always open, lock taken at once.
+    assert!(
+        acquire_in_window(&[], &c, Duration::from_millis(50), Duration::from_secs(2))
+            .await
+            .unwrap()
+    );
+    c.release().await.unwrap();
+    // A window that is closed now (1 minute long, starting 12 hours from now).
+    let later = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(12))
+        .unwrap()
+        .to_zoned(jiff::tz::TimeZone::UTC);
+    let closed = Window::try_from(RawWindow {
+        days: vec![format!("{:?}", later.weekday())],
+        start: later.strftime("%H:%M").to_string(),
+        length: "1m".into(),
+        tz: "UTC".into(),
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    assert!(!acquire_in_window(
+        std::slice::from_ref(&closed),
+        &c,
+        Duration::from_millis(50),
+        Duration::from_millis(500)
+    )
+    .await
+    .unwrap());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The lock was never taken while waiting for the window.
+    assert!(srv.history().iter().all(|e| e.kind != EventKind::Refused));
+    assert_eq!(
+        srv.history()
+            .iter()
+            .filter(|e| e.kind == EventKind::Acquired)
+            .count(),
+        1
+    );
+    assert!(srv.holders("default").is_empty());
 }

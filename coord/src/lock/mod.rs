@@ -3,6 +3,12 @@
 //! than N nodes hold a slot, and must never block the cluster forever when a holder
 //! dies (TTL or fencing). This module owns the trait and the shared types only.
 
+pub mod etcd;
+pub mod fleetlock;
+
+use std::sync::Arc;
+use std::time::Duration;
+
 /// Who is asking: the node's id and the lock group (e.g. "default", "workers").
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeIdentity {
@@ -49,5 +55,56 @@ pub trait RebootLock: Send + Sync {
     async fn failed_releases(&self) -> Result<Vec<FailedRelease>, LockError>;
 }
 
-pub mod etcd;
-pub mod fleetlock;
+/// Renew `lock` every `every` in a task until [`Renewal::stop`] is called or a renewal
+/// fails (lost slot, `max_hold` reached, service gone); the task's result says which.
+/// The updater runs this between taking the lock and releasing it.
+pub fn spawn_renewal(lock: Arc<dyn RebootLock>, every: Duration) -> Renewal {
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => return Ok(()),
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(err) = lock.renew().await {
+                tracing::warn!("reboot lock renewal failed: {err}");
+                return Err(err);
+            }
+        }
+    });
+    Renewal {
+        stop: Some(stop_tx),
+        task,
+    }
+}
+
+/// A running renewal; dropping it stops renewing.
+#[derive(Debug)]
+pub struct Renewal {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), LockError>>,
+}
+
+impl Renewal {
+    /// Stop renewing; returns the error that ended the renewals early, if any.
+    pub async fn stop(mut self) -> Result<(), LockError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) => Err(LockError::Protocol(format!("renewal task: {e}"))),
+        }
+    }
+
+    /// Whether renewals have ended (by error).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
