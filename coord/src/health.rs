@@ -108,7 +108,7 @@ impl TryFrom<RawCheck> for Check {
             },
             _ => {
                 let argv = raw.argv.ok_or_else(|| missing("argv"))?;
-                if argv.first().is_none_or(|a| a.is_empty()) {
+                if argv.first().map_or(true, |a| a.is_empty()) {
                     return Err(missing("argv"));
                 }
                 CheckKind::Command { argv }

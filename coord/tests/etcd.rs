@@ -1,6 +1,8 @@
 //! The etcd semaphore against a real etcd (Debian's `/usr/bin/etcd`) started by each
 //! test on 127.0.0.1 with free ports and a temporary data directory.
 
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! FleetLock client against our protocol-conformant server on 127.0.0.1: the wire
 //! format, error kinds, idempotence, contention and TTL expiry.
 
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Health checks against real things on this machine: HTTP and TCP servers on
 //! 127.0.0.1, `true` / `false` / `sleep`, and systemd state from a stand-in source.
 
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
 use std::time::{Duration, Instant};
 
 use imgcoord::health::{

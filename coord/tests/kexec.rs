@@ -2,6 +2,8 @@
 //! the right slot's kernel, initrd and command line, trial entries taken, bad entries
 //! refused, the kexec-trial fallback when the new slot has no entry yet.
 
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
 use std::path::{Path, PathBuf};
 
 use imgbuild::disk::{write_disk, DiskContents, DiskLayout, DiskSizes, MIB};
