@@ -276,6 +276,11 @@ async fn renewals_stop_after_max_hold() {
     l.renew().await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(matches!(l.renew().await, Err(LockError::Refused(_))));
+    // Re-acquiring is no loophole: the slot is not renewed past max_hold either.
+    assert!(matches!(l.try_acquire().await, Err(LockError::Refused(_))));
+    // Releasing still works.
+    l.release().await.unwrap();
+    assert!(l.holders().await.unwrap().is_empty());
 }
 
 #[tokio::test]

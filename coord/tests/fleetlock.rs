@@ -199,6 +199,15 @@ async fn client_lock_is_recursive_owned_and_per_group() {
     // Timestamps are ordered.
     let h = srv.history();
     assert!(h.windows(2).all(|w| w[0].at <= w[1].at));
+    // The same history over HTTP, for cluster checks.
+    let over_http: Vec<imgcoord::fleetlock_server::Event> =
+        reqwest::get(format!("{}/v1/imgbuild/history", srv.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(over_http, h);
 }
 
 #[tokio::test]

@@ -15,7 +15,6 @@
 //!
 //! This module never blocks waiting for a slot; the caller polls `try_acquire`.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -75,9 +74,6 @@ pub struct EtcdLock {
     identity: NodeIdentity,
     options: EtcdOptions,
     http: reqwest::Client,
-    /// The slot we took, cached so `renew` needs no lookup; rebuilt from etcd after a
-    /// restart.
-    held: Mutex<Option<SlotKv>>,
 }
 
 /// The key prefix of a group.
@@ -135,7 +131,6 @@ impl EtcdLock {
             identity,
             options,
             http,
-            held: Mutex::new(None),
         })
     }
 
@@ -145,10 +140,6 @@ impl EtcdLock {
 
     fn failed_prefix(&self) -> String {
         format!("{}failed/", group_prefix(&self.identity.group))
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, Option<SlotKv>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn call(&self, path: &str, body: Value) -> Result<Value, LockError> {
@@ -248,6 +239,23 @@ impl EtcdLock {
         }
     }
 
+    /// Renew a slot we hold, unless it has been held longer than `max_hold`.
+    async fn keep(&self, slot: &SlotKv) -> Result<(), LockError> {
+        if self.held_too_long(slot.value.since) {
+            return Err(LockError::Refused(format!(
+                "reboot slot held since {} exceeds max_hold {:?}; letting its lease expire",
+                slot.value.since, self.options.max_hold
+            )));
+        }
+        if self.keepalive(slot.lease).await? {
+            Ok(())
+        } else {
+            Err(LockError::Conflict(
+                "reboot slot lost: its etcd lease expired".into(),
+            ))
+        }
+    }
+
     fn held_too_long(&self, since: Timestamp) -> bool {
         let held = Timestamp::now().duration_since(since);
         held.as_secs_f64() > self.options.max_hold.as_secs_f64()
@@ -259,11 +267,13 @@ impl RebootLock for EtcdLock {
     async fn try_acquire(&self) -> Result<bool, LockError> {
         // Idempotent: a slot we already hold (perhaps from before a reboot) is renewed.
         if let Some(slot) = self.mine().await? {
-            if self.keepalive(slot.lease).await? {
-                *self.cache() = Some(slot);
-                return Ok(true);
+            match self.keep(&slot).await {
+                Ok(()) => return Ok(true),
+                // The lease lapsed between the read and the renewal: the key is gone
+                // too, so take a slot afresh.
+                Err(LockError::Conflict(_)) => {}
+                Err(e) => return Err(e),
             }
-            // The lease lapsed between the read and the renewal: the key is gone too.
         }
         let ttl = self.options.ttl.as_secs().max(1);
         let grant = self
@@ -291,14 +301,7 @@ impl RebootLock for EtcdLock {
                 )
                 .await?;
             if answer.get("succeeded").and_then(|s| s.as_bool()) == Some(true) {
-                let mod_revision = int(answer.pointer("/header/revision").unwrap_or(&Value::Null));
                 tracing::info!(key, node = %self.identity.id, "etcd: took reboot slot");
-                *self.cache() = Some(SlotKv {
-                    key,
-                    value,
-                    lease,
-                    mod_revision,
-                });
                 return Ok(true);
             }
         }
@@ -307,32 +310,16 @@ impl RebootLock for EtcdLock {
     }
 
     async fn renew(&self) -> Result<(), LockError> {
-        let cached = self.cache().clone();
-        let slot = match cached {
-            Some(slot) => slot,
-            None => self
-                .mine()
-                .await?
-                .ok_or_else(|| LockError::Conflict("no reboot slot held to renew".into()))?,
-        };
-        if self.held_too_long(slot.value.since) {
-            return Err(LockError::Refused(format!(
-                "reboot slot held since {} exceeds max_hold {:?}; letting its lease expire",
-                slot.value.since, self.options.max_hold
-            )));
-        }
-        if !self.keepalive(slot.lease).await? {
-            *self.cache() = None;
-            return Err(LockError::Conflict(
-                "reboot slot lost: its etcd lease expired".into(),
-            ));
-        }
-        *self.cache() = Some(slot);
-        Ok(())
+        // Read the slot every time: a key deleted behind our back (by an operator) means
+        // the slot is gone even while our lease lives.
+        let slot = self
+            .mine()
+            .await?
+            .ok_or_else(|| LockError::Conflict("no reboot slot held to renew".into()))?;
+        self.keep(&slot).await
     }
 
     async fn release(&self) -> Result<(), LockError> {
-        *self.cache() = None;
         for slot in self.slots().await? {
             if slot.value.node != self.identity.id {
                 continue;
