@@ -176,8 +176,14 @@ impl FleetLockServer {
         let serve_shared = shared.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        // E.g. out of file descriptors: back off instead of spinning.
+                        tracing::warn!("fleetlock accept: {err}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 let shared = serve_shared.clone();
                 tokio::spawn(async move {
