@@ -107,7 +107,7 @@ fn main() -> Result<()> {
             let s = make_delta(Path::new(old), Path::new(new), Path::new(out), &opts)?;
             println!(
                 "delta_size={} copied={} zeroed={} literal={} file_diff={} patch_bytes={} \
-                 files_same_path={} files_renamed={} seconds={:.1}",
+                 files_same_path={} files_renamed={} patches_dropped={} seconds={:.1}",
                 s.delta_size,
                 s.copied,
                 s.zeroed,
@@ -116,6 +116,7 @@ fn main() -> Result<()> {
                 s.patch_bytes,
                 s.files_same_path,
                 s.files_renamed,
+                s.patches_dropped,
                 s.seconds
             );
         }
