@@ -189,7 +189,7 @@ fn changed_and_renamed_files_become_file_diffs() {
     reproduce(&i1, &i2, &d0);
     eprintln!("file level {stats:?}\nblock level {block_stats:?}");
     assert!(
-        stats.delta_size * 3 < block_stats.delta_size,
+        stats.delta_size * 2 < block_stats.delta_size,
         "file level {} vs block level {}",
         stats.delta_size,
         block_stats.delta_size
