@@ -116,7 +116,11 @@ fn ext4_pair(dir: &Path) -> (PathBuf, PathBuf) {
         }
         write(t, "usr/bin/kubelet", &bin);
         // Rewritten entirely (like a recompressed file): a patch would not pay.
-        write(t, "usr/share/seed.bin", &pseudo_random(40_000, 20 + u64::from(shift)));
+        write(
+            t,
+            "usr/share/seed.bin",
+            &pseudo_random(40_000, 20 + u64::from(shift)),
+        );
     }
     write(&t1, "usr/share/removed", &pseudo_random(50_000, 3));
     write(&t2, "usr/share/added", &pseudo_random(50_000, 4));

@@ -406,3 +406,29 @@ fn writer_refuses_inconsistent_ops() {
     w.zero(50).unwrap();
     assert!(matches!(w.finish(), Err(DeltaError::TargetShort { .. })));
 }
+
+#[test]
+fn random_mutations_never_panic_nor_yield_a_wrong_target() {
+    let (source, target, delta) = fixture();
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut rejected = 0;
+    for _ in 0..1000 {
+        let mut d = delta.clone();
+        for _ in 0..1 + next() % 4 {
+            let i = (next() % d.len() as u64) as usize;
+            d[i] = next() as u8;
+        }
+        let mut out = Vec::new();
+        match apply(io::Cursor::new(&source), &d[..], &mut out) {
+            Ok(_) => assert_eq!(out, target),
+            Err(_) => rejected += 1,
+        }
+    }
+    assert!(rejected > 600, "only {rejected} mutations rejected");
+}
