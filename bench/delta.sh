@@ -29,7 +29,7 @@ TOOL=$(cd "$REPO_ROOT" && cargo bench -p imgbuild --bench delta_tool --no-run \
 [ -x "$TOOL" ] || { echo "delta_tool not built" >&2; exit 1; }
 
 size() { stat -c %s "$1"; }
-mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1e6 }'; }
+mb() { awk -v b="$1" 'BEGIN { printf "%.2f MB (%d bytes)", b / 1e6, b }'; }
 # time_v CMD... : run under /usr/bin/time -v (stdout to $WORK/cmd.out), print
 # "seconds maxrss_kib"
 time_v() {

@@ -173,7 +173,13 @@ fn plan_pieces(old: &[u8], new: &[u8], bs: u64) -> Result<Vec<Piece>> {
                 len: l * bs,
             })
             .collect();
-        if reference.is_empty() || reference.len() > MAX_EXTENTS as usize {
+        // A truncated old image may claim blocks it does not have.
+        if reference.is_empty()
+            || reference.len() > MAX_EXTENTS as usize
+            || reference
+                .iter()
+                .any(|e| e.offset + e.len > old.len() as u64)
+        {
             continue;
         }
         for (phys, len) in merged_extents(&nf.extents) {

@@ -224,3 +224,16 @@ fn sibling_key_ignores_versions() {
     );
     assert_ne!(sibling_key("/a/x.ko"), sibling_key("/a/y.ko"));
 }
+
+#[test]
+fn truncated_old_image_is_handled_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let (i1, i2) = ext4_pair(dir.path());
+    let mut old = std::fs::read(&i1).unwrap();
+    old.truncate(old.len() / 3);
+    let short = dir.path().join("short.img");
+    std::fs::write(&short, &old).unwrap();
+    let d = dir.path().join("d");
+    make_delta(&short, &i2, &d, &DeltaOptions::default()).unwrap();
+    reproduce(&short, &i2, &d);
+}
