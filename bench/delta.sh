@@ -114,6 +114,7 @@ dd_row() { # label, extra dd args
 }
 ROWS=$(dd_row "dd bs=1M"
        apply_row "apply (verify source)"
+       apply_row "apply (source hashed concurrently)" --concurrent-verify
        apply_row "apply (source pre-verified)" --no-verify-source
        dd_row "dd bs=1M conv=fsync" conv=fsync
        apply_row "apply (verify source) + fsync" --fsync)

@@ -432,3 +432,23 @@ fn random_mutations_never_panic_nor_yield_a_wrong_target() {
     }
     assert!(rejected > 600, "only {rejected} mutations rejected");
 }
+
+#[test]
+fn concurrent_verify_applies_and_reports_a_wrong_source() {
+    let (source, target, delta) = fixture();
+    let mut out = Vec::new();
+    apply_concurrent_verify(io::Cursor::new(&source), &source[..], &delta[..], &mut out).unwrap();
+    assert_eq!(out, target);
+    // A flipped byte the delta never reads: only the source hash can notice it.
+    let mut bad = source.clone();
+    bad[60_000] ^= 1;
+    let r = apply_concurrent_verify(io::Cursor::new(&bad), &bad[..], &delta[..], Vec::new());
+    assert!(matches!(r, Err(DeltaError::SourceHash { .. })), "{r:?}");
+    let r = apply_concurrent_verify(
+        io::Cursor::new(&source),
+        &source[..],
+        &delta[..50],
+        Vec::new(),
+    );
+    assert!(matches!(r, Err(DeltaError::Truncated { .. })), "{r:?}");
+}
