@@ -6,7 +6,7 @@
 //! and the caps below are normative. This module owns the codec and the applier over
 //! `Read`/`Write`/`Seek` traits only: it must never open files, fetch anything, decide
 //! which slot to write or make a slot bootable. The applier's memory is bounded by the
-//! caps (about 20 MiB worst case), whatever the image size; parsing never panics and every
+//! caps (about 32 MiB worst case), whatever the image size; parsing never panics and every
 //! malformed input is a typed [`DeltaError`].
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
