@@ -5,12 +5,14 @@
 //!
 //! ```text
 //! delta_tool make OLD NEW OUT [--no-file-diff] [--level N] [--diff-level N]
-//! delta_tool apply SOURCE DELTA TARGET [--no-verify-source] [--fsync]
+//! delta_tool apply SOURCE DELTA TARGET [--no-verify-source|--concurrent-verify] [--fsync]
 //! delta_tool chunks OLD NEW
+//! delta_tool inspect DELTA
 //! ```
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::BufWriter;
+use std::io::{BufReader, BufWriter};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use imgbuild::delta::{chunk_index_with, chunks_missing, make_delta, DeltaOptions};
 use imgformat::chunk::Chunking;
-use imgformat::delta::{apply_with, ApplyOptions};
+use imgformat::delta::{apply_concurrent_verify, apply_with, ApplyOptions, DeltaReader, Op};
 
 /// Current anonymous RSS in KiB (from /proc/self/status).
 fn rss_anon_kib() -> u64 {
@@ -107,7 +109,7 @@ fn main() -> Result<()> {
             let s = make_delta(Path::new(old), Path::new(new), Path::new(out), &opts)?;
             println!(
                 "delta_size={} copied={} zeroed={} literal={} file_diff={} patch_bytes={} \
-                 files_same_path={} files_renamed={} seconds={:.1}",
+                 files_same_path={} files_renamed={} patches_dropped={} seconds={:.1}",
                 s.delta_size,
                 s.copied,
                 s.zeroed,
@@ -116,6 +118,7 @@ fn main() -> Result<()> {
                 s.patch_bytes,
                 s.files_same_path,
                 s.files_renamed,
+                s.patches_dropped,
                 s.seconds
             );
         }
@@ -134,7 +137,12 @@ fn main() -> Result<()> {
             let opts = ApplyOptions {
                 verify_source: !flag("--no-verify-source"),
             };
-            let stats = apply_with(src, d, &mut w, opts)?;
+            let stats = if flag("--concurrent-verify") {
+                let copy = File::open(source).with_context(|| format!("opening {source}"))?;
+                apply_concurrent_verify(src, BufReader::new(copy), d, &mut w)?
+            } else {
+                apply_with(src, d, &mut w, opts)?
+            };
             if flag("--fsync") {
                 w.get_ref().sync_all()?;
             }
@@ -189,7 +197,34 @@ fn main() -> Result<()> {
                 );
             }
         }
-        _ => bail!("usage: delta_tool make|apply|chunks ... (see the module docs)"),
+        ["inspect", delta] => {
+            let f = File::open(delta).with_context(|| format!("opening {delta}"))?;
+            let mut r = DeltaReader::new(std::io::BufReader::new(f))?;
+            // kind -> (ops, target bytes, delta bytes)
+            let mut sums: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+            loop {
+                let at = r.delta_position();
+                let Some(op) = r.next_op()? else { break };
+                let (kind, out) = match &op {
+                    Op::CopySource { len, .. } => ("copy", *len),
+                    Op::Zero { len } => ("zero", *len),
+                    Op::Literal { raw_len, .. } => ("literal", u64::from(*raw_len)),
+                    Op::FileDiff { out_len, .. } => ("file_diff", *out_len),
+                };
+                let e = sums.entry(kind).or_default();
+                e.0 += 1;
+                e.1 += out;
+                e.2 += r.delta_position() - at;
+            }
+            println!(
+                "{:<10} {:>8} {:>14} {:>12}",
+                "op", "count", "target_bytes", "delta_bytes"
+            );
+            for (k, (n, out, enc)) in sums {
+                println!("{k:<10} {n:>8} {out:>14} {enc:>12}");
+            }
+        }
+        _ => bail!("usage: delta_tool make|apply|chunks|inspect ... (see the module docs)"),
     }
     Ok(())
 }

@@ -74,6 +74,8 @@ pub struct DeltaStats {
     pub file_diff: u64,
     /// Compressed patch bytes of all `FileDiff` ops.
     pub patch_bytes: u64,
+    /// Pieces whose patch was dropped for literal data (no better than compression).
+    pub patches_dropped: u64,
     /// Files diffed against the file at the same path / against a renamed sibling.
     pub files_same_path: u64,
     pub files_renamed: u64,
@@ -171,7 +173,13 @@ fn plan_pieces(old: &[u8], new: &[u8], bs: u64) -> Result<Vec<Piece>> {
                 len: l * bs,
             })
             .collect();
-        if reference.is_empty() || reference.len() > MAX_EXTENTS as usize {
+        // A truncated old image may claim blocks it does not have.
+        if reference.is_empty()
+            || reference.len() > MAX_EXTENTS as usize
+            || reference
+                .iter()
+                .any(|e| e.offset + e.len > old.len() as u64)
+        {
             continue;
         }
         for (phys, len) in merged_extents(&nf.extents) {
@@ -389,8 +397,17 @@ pub fn make_delta(old: &Path, new: &Path, out: &Path, opts: &DeltaOptions) -> Re
             }
             diff_patch(&reference_buf, data, opts).ok()
         };
+        // A patch against an unrelated old file is no better than literal data (compressed
+        // files, rewritten files): keep it only when clearly smaller than a fast
+        // compression of the piece, since literals get a higher level still.
+        let worth_it = |patch: &Patch| -> bool {
+            patch.len() <= MAX_PATCH_LEN as usize
+                && zstd::bulk::compress(data, 3)
+                    .map(|c| (patch.len() as f64) < c.len() as f64 * 0.85)
+                    .unwrap_or(true)
+        };
         match patch {
-            Some(patch) if patch.len() <= MAX_PATCH_LEN as usize => {
+            Some(patch) if worth_it(&patch) => {
                 w.file_diff(&p.reference, p.len * bs, &patch)?;
                 stats.file_diff += p.len * bs;
                 stats.patch_bytes += patch.len() as u64;
@@ -400,7 +417,10 @@ pub fn make_delta(old: &Path, new: &Path, out: &Path, opts: &DeltaOptions) -> Re
                     stats.files_same_path += 1;
                 }
             }
-            _ => {
+            other => {
+                if other.is_some() {
+                    stats.patches_dropped += 1;
+                }
                 for k in p.start..p.start + p.len {
                     emit_block(&mut w, &mut stats, &mut matcher, &new_img, k)?;
                 }

@@ -6,7 +6,7 @@
 //! and the caps below are normative. This module owns the codec and the applier over
 //! `Read`/`Write`/`Seek` traits only: it must never open files, fetch anything, decide
 //! which slot to write or make a slot bootable. The applier's memory is bounded by the
-//! caps (about 20 MiB worst case), whatever the image size; parsing never panics and every
+//! caps (about 32 MiB worst case), whatever the image size; parsing never panics and every
 //! malformed input is a typed [`DeltaError`].
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -736,6 +736,73 @@ where
     apply_with(source, delta, target, ApplyOptions::default())
 }
 
+/// Apply without re-reading the source up front: a second thread hashes `source_copy` (a
+/// second handle on the same source, e.g. the slot opened twice) while this one applies,
+/// so the wall time is about the larger of the two instead of their sum. A source whose
+/// hash differs from the header is reported as [`DeltaError::SourceHash`] (in preference to
+/// any other error), but only after the target was written — harmless, since such a target
+/// cannot pass its own hash check and a slot becomes bootable only after that check.
+pub fn apply_concurrent_verify<S, V, D, T>(
+    source: S,
+    source_copy: V,
+    mut delta: D,
+    target: T,
+) -> Result<ApplyStats, DeltaError>
+where
+    S: Read + Seek,
+    V: Read + Send,
+    D: Read,
+    T: Write,
+{
+    let mut head = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match delta.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let header = *DeltaReader::new(&head[..got])?.header();
+    std::thread::scope(|scope| {
+        let hasher = scope.spawn(move || hash_all(source_copy));
+        let applied = apply_with(
+            source,
+            (&head[..got]).chain(delta),
+            target,
+            ApplyOptions {
+                verify_source: false,
+            },
+        );
+        let hashed = hasher
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("source hashing thread panicked")));
+        match hashed {
+            Ok(actual) if actual != header.source_sha256 => Err(DeltaError::SourceHash {
+                expected: header.source_sha256,
+                actual,
+            }),
+            Ok(_) => applied,
+            Err(e) => applied.and(Err(DeltaError::Io(e))),
+        }
+    })
+}
+
+fn hash_all(mut r: impl Read) -> io::Result<Sha256Digest> {
+    let mut buf = vec![0u8; IO_BUF];
+    let mut h = Sha256::new();
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Sha256Digest(h.finalize().into()))
+}
+
 /// Hashes and counts what goes to the target, buffering into large writes.
 struct TargetSink<T: Write> {
     out: T,
@@ -792,17 +859,7 @@ where
     let mut buf = vec![0u8; IO_BUF];
     if opts.verify_source {
         source.seek(SeekFrom::Start(0))?;
-        let mut h = Sha256::new();
-        loop {
-            let n = match source.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            h.update(&buf[..n]);
-        }
-        let got = Sha256Digest(h.finalize().into());
+        let got = hash_all(&mut source)?;
         if got != header.source_sha256 {
             return Err(DeltaError::SourceHash {
                 expected: header.source_sha256,

@@ -406,3 +406,49 @@ fn writer_refuses_inconsistent_ops() {
     w.zero(50).unwrap();
     assert!(matches!(w.finish(), Err(DeltaError::TargetShort { .. })));
 }
+
+#[test]
+fn random_mutations_never_panic_nor_yield_a_wrong_target() {
+    let (source, target, delta) = fixture();
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut rejected = 0;
+    for _ in 0..1000 {
+        let mut d = delta.clone();
+        for _ in 0..1 + next() % 4 {
+            let i = (next() % d.len() as u64) as usize;
+            d[i] = next() as u8;
+        }
+        let mut out = Vec::new();
+        match apply(io::Cursor::new(&source), &d[..], &mut out) {
+            Ok(_) => assert_eq!(out, target),
+            Err(_) => rejected += 1,
+        }
+    }
+    assert!(rejected > 600, "only {rejected} mutations rejected");
+}
+
+#[test]
+fn concurrent_verify_applies_and_reports_a_wrong_source() {
+    let (source, target, delta) = fixture();
+    let mut out = Vec::new();
+    apply_concurrent_verify(io::Cursor::new(&source), &source[..], &delta[..], &mut out).unwrap();
+    assert_eq!(out, target);
+    // A flipped byte the delta never reads: only the source hash can notice it.
+    let mut bad = source.clone();
+    bad[60_000] ^= 1;
+    let r = apply_concurrent_verify(io::Cursor::new(&bad), &bad[..], &delta[..], Vec::new());
+    assert!(matches!(r, Err(DeltaError::SourceHash { .. })), "{r:?}");
+    let r = apply_concurrent_verify(
+        io::Cursor::new(&source),
+        &source[..],
+        &delta[..50],
+        Vec::new(),
+    );
+    assert!(matches!(r, Err(DeltaError::Truncated { .. })), "{r:?}");
+}
