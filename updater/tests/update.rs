@@ -1,0 +1,292 @@
+//! Updates X -> Y into a disk image file from a real channel over HTTP: by delta, by
+//! chunks, by full image; and bad inputs that must leave the inactive slot unbootable and
+//! the active slot untouched.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use imgformat::boot::BootEntry;
+use imgformat::layout::Slot;
+use imgupdate::install::LocalRefusals;
+use imgupdate::{Method, State, UpdateError};
+
+fn new_sha() -> String {
+    sha256_file(&base().new_img)
+}
+
+fn update(node: &Node, method: Method) -> Result<imgupdate::UpdateReport, UpdateError> {
+    node.updater()
+        .update(method, &LocalRefusals::default(), &mut |_, _| {})
+}
+
+/// The end state every successful update must reach.
+fn assert_staged(node: &Node, report: &imgupdate::UpdateReport) {
+    let len = std::fs::metadata(&base().new_img).unwrap().len();
+    assert_eq!(node.slot_hash(Slot::B, len), new_sha(), "slot b holds 1.1");
+    assert_eq!(
+        report.state,
+        State::Staged {
+            version: NEW.into(),
+            slot: Slot::B
+        }
+    );
+    assert_eq!(node.state().state, report.state);
+    // A trial entry with tries, for 1.1 on slot b, same command line as slot a.
+    let entries = node.entries();
+    assert!(
+        entries.contains(&"imgbuild-b+3.conf".to_string()),
+        "{entries:?}"
+    );
+    let d = node.disk();
+    let text =
+        imgdisk::esp::read_esp_file(d.open_esp().unwrap(), "loader/entries/imgbuild-b+3.conf")
+            .unwrap();
+    let entry = BootEntry::parse("imgbuild-b+3.conf", &String::from_utf8(text).unwrap()).unwrap();
+    assert_eq!(entry.version, NEW);
+    assert_eq!(entry.tries, Some((3, 0)));
+    assert_eq!(
+        entry.options(),
+        "root=PARTLABEL=root-b ro console=ttyS0 quiet"
+    );
+    // The kernel on the ESP is 1.1's.
+    let kernel = imgdisk::esp::read_esp_file(d.open_esp().unwrap(), "imgbuild/b/linux").unwrap();
+    assert!(
+        kernel == base().new_kernel,
+        "slot b's kernel is the one from the 1.1 root"
+    );
+    // Slot a still boots.
+    assert!(entries.contains(&"imgbuild-a.conf".to_string()));
+}
+
+#[test]
+fn update_by_delta() {
+    let node = Node::new("reboot");
+    let active = node.partition_hash(Slot::A);
+    let report = update(&node, Method::Delta).unwrap();
+    assert_eq!(report.method, Some(Method::Delta));
+    assert_staged(&node, &report);
+    assert_eq!(
+        node.partition_hash(Slot::A),
+        active,
+        "the active slot is untouched"
+    );
+    // Only the delta was fetched: a fraction of the uncompressed image.
+    let image = std::fs::metadata(&base().new_img).unwrap().len();
+    assert!(
+        report.bytes_fetched > 0 && report.bytes_fetched < image / 8,
+        "{}",
+        report.bytes_fetched
+    );
+    // A second run finds it staged and writes nothing.
+    let again = update(&node, Method::Auto).unwrap();
+    assert_eq!(again.bytes_fetched, 0);
+    assert_eq!(again.slot, Some(Slot::B));
+}
+
+#[test]
+fn update_by_chunks() {
+    let node = Node::new("reboot");
+    let active = node.partition_hash(Slot::A);
+    let report = update(&node, Method::Chunks).unwrap();
+    assert_eq!(report.method, Some(Method::Chunks));
+    assert_staged(&node, &report);
+    assert_eq!(node.partition_hash(Slot::A), active);
+}
+
+#[test]
+fn update_by_full_image() {
+    let node = Node::new("reboot");
+    let active = node.partition_hash(Slot::A);
+    let report = update(&node, Method::Full).unwrap();
+    assert_eq!(report.method, Some(Method::Full));
+    assert_staged(&node, &report);
+    assert_eq!(node.partition_hash(Slot::A), active);
+}
+
+#[test]
+fn kexec_strategy_stages_kernel_but_no_entry() {
+    let node = Node::new("kexec");
+    let report = update(&node, Method::Auto).unwrap();
+    assert_eq!(report.method, Some(Method::Delta));
+    let plan = report.kexec.unwrap();
+    assert_eq!(plan.slot, Slot::B);
+    assert_eq!(plan.kernel, "imgbuild/b/linux");
+    assert_eq!(plan.initrd, "imgbuild/b/initrd");
+    assert_eq!(plan.cmdline, "root=PARTLABEL=root-b ro console=ttyS0 quiet");
+    assert!(
+        !node.bootable(Slot::B),
+        "no entry before the health checks passed"
+    );
+    // Issue 6 writes it after the health checks: the good entry without a counter.
+    imgupdate::stage::commit_entry(&node.disk(), &plan.entry).unwrap();
+    assert!(node.entries().contains(&"imgbuild-b.conf".to_string()));
+}
+
+/// Every bad-input case: a clear error, slot b unbootable, slot a byte-identical, state failed.
+fn assert_refused(node: &Node, active: &str, err: &UpdateError) {
+    assert!(
+        !node.bootable(Slot::B),
+        "{err}: slot b must stay unbootable"
+    );
+    assert_eq!(
+        node.partition_hash(Slot::A),
+        active,
+        "{err}: slot a untouched"
+    );
+    assert!(matches!(node.state().state, State::Failed { .. }), "{err}");
+}
+
+#[test]
+fn tampered_image_is_refused() {
+    let node = Node::new("reboot");
+    let active = node.partition_hash(Slot::A);
+    // Flip a byte in the published compressed image.
+    let target = std::fs::read_dir(node.channel.join("targets"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("minimal-1.1.root.img.zst"))
+        .unwrap();
+    let mut data = std::fs::read(&target).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    std::fs::write(&target, data).unwrap();
+    let err = update(&node, Method::Full).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::Fetch(imgupdate::fetch::FetchError::Mismatch { .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("does not match the signed"),
+        "{err}"
+    );
+    assert_refused(&node, &active, &err);
+}
+
+#[test]
+fn wrong_trusted_root_is_refused() {
+    let mut node = Node::new("reboot");
+    let active = node.partition_hash(Slot::A);
+    // A root.json of another channel with another key.
+    let other = node.tmp.path().join("other");
+    let key = node.tmp.path().join("other.key");
+    imgchannel::keys::generate(&key).unwrap();
+    imgchannel::init(
+        &other,
+        "stable",
+        &imgchannel::RoleKeys::single(&key),
+        &Default::default(),
+    )
+    .unwrap();
+    node.cfg.trusted_root = other.join("metadata/1.root.json");
+    let err = update(&node, Method::Auto).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::Channel(imgchannel::LoadError::BadSignature { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 4);
+    assert_refused(&node, &active, &err);
+}
+
+#[test]
+fn expired_metadata_is_refused() {
+    let node = Node::new("reboot");
+    let active = node.partition_hash(Slot::A);
+    let signing = imgchannel::SigningKeys::new([base().key.clone()]).unwrap();
+    let short = imgchannel::ExpiryPolicy {
+        timestamp: Duration::ZERO,
+        ..Default::default()
+    };
+    imgchannel::refresh(&node.channel, &signing, &short).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let err = update(&node, Method::Auto).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::Channel(imgchannel::LoadError::Expired { .. })
+        ),
+        "{err}"
+    );
+    assert_refused(&node, &active, &err);
+}
+
+#[test]
+fn garbage_from_the_server_is_refused() {
+    let node = Node::new("reboot");
+    let active = node.partition_hash(Slot::A);
+    node.server.mode.store(GARBAGE, Ordering::SeqCst);
+    let err = update(&node, Method::Full).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::Fetch(imgupdate::fetch::FetchError::Mismatch { .. })
+        ),
+        "{err}"
+    );
+    assert_refused(&node, &active, &err);
+    // The garbage was discarded: with an honest server the next run succeeds.
+    node.server.mode.store(NORMAL, Ordering::SeqCst);
+    let report = update(&node, Method::Full).unwrap();
+    assert_eq!(
+        report.state,
+        State::Staged {
+            version: NEW.into(),
+            slot: Slot::B
+        }
+    );
+}
+
+#[test]
+fn range_answered_with_200_is_refused_then_resumes() {
+    let node = Node::new("reboot");
+    let active = node.partition_hash(Slot::A);
+    // A partial download, as a killed run leaves it: half the file and its journal.
+    let u = node.updater();
+    let ch = u.load_channel().unwrap();
+    let name = "minimal-1.1.root.img.zst";
+    let (len, sha) = ch.target_digest(name).unwrap();
+    let src = node.channel.join(format!("targets/{sha}.{name}"));
+    let dl = imgupdate::install::downloads_dir(&node.cfg.state_dir);
+    std::fs::create_dir_all(&dl).unwrap();
+    let half = std::fs::read(&src).unwrap()[..(len / 2) as usize].to_vec();
+    std::fs::write(dl.join(format!("{sha}.{name}.partial")), &half).unwrap();
+    std::fs::write(
+        dl.join(format!("{sha}.{name}.journal")),
+        format!(
+            "{{\"name\":\"{name}\",\"sha256\":\"{sha}\",\"length\":{len},\"synced\":{}}}",
+            half.len()
+        ),
+    )
+    .unwrap();
+    node.server.mode.store(IGNORE_RANGE, Ordering::SeqCst);
+    let err = update(&node, Method::Full).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::Fetch(imgupdate::fetch::FetchError::RangeIgnored { .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("ignored the Range request"),
+        "{err}"
+    );
+    assert_refused(&node, &active, &err);
+    // A server that honours Range: only the missing half is fetched.
+    node.server.mode.store(NORMAL, Ordering::SeqCst);
+    let before = node.server.ranges.load(Ordering::SeqCst);
+    let report = update(&node, Method::Full).unwrap();
+    assert_eq!(node.server.ranges.load(Ordering::SeqCst), before + 1);
+    assert_eq!(report.bytes_fetched, len - half.len() as u64);
+    assert_staged(&node, &report);
+}
