@@ -53,6 +53,8 @@ pub enum UpdateError {
     },
     #[error("version {0} is not in the channel")]
     NotPublished(String),
+    #[error("another imgupdate holds {0}")]
+    Busy(String),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -68,6 +70,7 @@ impl UpdateError {
                 "org.imgbuild.Update1.Error.Verification"
             }
             UpdateError::NotPublished(_) => "org.imgbuild.Update1.Error.NotPublished",
+            UpdateError::Busy(_) => "org.imgbuild.Update1.Error.Busy",
             UpdateError::Other(_) => "org.imgbuild.Update1.Error.Failed",
         }
     }
@@ -80,6 +83,7 @@ impl UpdateError {
             UpdateError::Fetch(_) => 5,
             UpdateError::Delta(_) | UpdateError::Chunks(_) | UpdateError::SlotMismatch { .. } => 6,
             UpdateError::NotPublished(_) => 7,
+            UpdateError::Busy(_) => 8,
             UpdateError::Other(_) => 1,
         }
     }
@@ -166,6 +170,9 @@ pub enum Method {
     Full,
 }
 
+/// Slot writes are gathered into blocks of this size.
+const WRITE_BUF: usize = 1 << 20;
+
 /// Progress reports: (bytes written into the slot, image size).
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
@@ -202,6 +209,22 @@ impl Updater {
     /// The slot updates are written to.
     pub fn inactive(&self) -> Slot {
         !self.running.slot
+    }
+
+    /// Exclusive lock on the state directory for one operation (flock, released on exit
+    /// or crash), so a CLI call and the daemon never write the slot at the same time.
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<File>, UpdateError> {
+        let dir = &self.cfg.state_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| UpdateError::Busy(path.display().to_string()))
     }
 
     fn downloads(&self) -> PathBuf {
@@ -244,6 +267,7 @@ impl Updater {
     /// Check the channel and say what it offers. Records the time of the check; the
     /// state itself does not change (a check alone installs nothing).
     pub fn check(&self, refused: &dyn RefusedVersions) -> Result<Choice, UpdateError> {
+        let _lock = self.lock()?;
         let mut sf = self.start()?;
         let (choice, _) = self.decide(&mut sf, refused)?;
         sf.save(&self.cfg.state_dir)?;
@@ -276,6 +300,7 @@ impl Updater {
         refused: &dyn RefusedVersions,
         progress: Progress<'_>,
     ) -> Result<UpdateReport, UpdateError> {
+        let _lock = self.lock()?;
         let mut sf = self.start()?;
         let mut report = UpdateReport {
             choice: Choice::UpToDate,
@@ -535,9 +560,15 @@ impl Updater {
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let mut dec = zstd::Decoder::new(file)
             .with_context(|| format!("decompressing {}", path.display()))?;
-        let mut w = self.slot_writer(manifest.image.size, progress)?;
+        let mut w = io::BufWriter::with_capacity(
+            WRITE_BUF,
+            self.slot_writer(manifest.image.size, progress)?,
+        );
         let n = io::copy(&mut (&mut dec).take(manifest.image.size + 1), &mut w)
             .with_context(|| format!("decompressing {} into the slot", path.display()))?;
+        let w = w
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("writing the slot: {}", e.error()))?;
         if n != manifest.image.size {
             return Err(anyhow::anyhow!(
                 "{} decompresses to {n} bytes, the release says {}",
@@ -602,7 +633,10 @@ impl Updater {
         let mut seed = self
             .disk
             .open_slot(self.running.slot, Some(have.image_size))?;
-        let mut w = self.slot_writer(manifest.image.size, progress)?;
+        let mut w = io::BufWriter::with_capacity(
+            WRITE_BUF,
+            self.slot_writer(manifest.image.size, progress)?,
+        );
         let mut buf = Vec::new();
         for (c, src) in want.chunks.iter().zip(&plan.sources) {
             buf.resize(c.len as usize, 0);
@@ -643,6 +677,9 @@ impl Updater {
             }
             w.write_all(&buf).context("writing the slot")?;
         }
+        let w = w
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("writing the slot: {}", e.error()))?;
         w.finish()?;
         self.disk.sync()?;
         Ok(())
@@ -651,6 +688,7 @@ impl Updater {
     /// Roll back: drop a staged update, or mark the trial/committed slot bad so the
     /// firmware boots the other one. Issue 6 performs the reboot.
     pub fn rollback(&self) -> Result<State, UpdateError> {
+        let _lock = self.lock()?;
         let mut sf = self.start()?;
         let slot = match &sf.state {
             State::Staged { slot, .. }

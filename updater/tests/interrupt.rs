@@ -1,0 +1,112 @@
+//! kill -9 at many points of an update, then run again: the result is always either the
+//! old state untouched or a completed, verified slot; never a bootable unverified slot.
+//!
+//! The crash is a real process abort (`IMGUPDATE_FAILPOINT=<point>:<n>` makes the n-th
+//! pass through a named point call `abort()`: no destructors, no flushing), in a child
+//! process running the real `imgupdate` binary.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use imgformat::layout::Slot;
+use imgupdate::State;
+
+fn run(node: &Node, failpoint: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgupdate"));
+    cmd.arg("--config")
+        .arg(&node.config_path)
+        .args(["--json", "update", "--method", "full"])
+        .env("IMGUPDATE_LOG", "warn")
+        .env_remove("IMGUPDATE_FAILPOINT");
+    if let Some(fp) = failpoint {
+        cmd.env("IMGUPDATE_FAILPOINT", fp);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn killed_at_any_point_then_rerun_ends_verified() {
+    let b = base();
+    let new_len = std::fs::metadata(&b.new_img).unwrap().len();
+    let new_sha = sha256_file(&b.new_img);
+    let mut points: Vec<String> = Vec::new();
+    points.extend((1..=30).map(|k| format!("fetch.write:{k}")));
+    points.extend((1..=16).map(|k| format!("slot.write:{k}")));
+    points.extend((1..=8).map(|k| format!("state.rename:{k}")));
+    points.extend(
+        [
+            "install.invalidated:1",
+            "install.verified:1",
+            "stage.entry:1",
+        ]
+        .map(String::from),
+    );
+    let mut aborted = 0;
+    let mut resumed = 0;
+    for point in &points {
+        let node = Node::new("reboot");
+        let active = node.partition_hash(Slot::A);
+        let out = run(&node, Some(point));
+        let killed = !out.status.success() && out.status.code().is_none();
+        if killed {
+            aborted += 1;
+        } else {
+            assert!(
+                out.status.success(),
+                "{point}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Never a bootable slot that is not exactly 1.1.
+        if node.bootable(Slot::B) {
+            assert_eq!(
+                node.slot_hash(Slot::B, new_len),
+                new_sha,
+                "{point}: bootable but unverified"
+            );
+        }
+        assert_eq!(
+            node.partition_hash(Slot::A),
+            active,
+            "{point}: slot a changed"
+        );
+        // The rerun finishes.
+        let out = run(&node, None);
+        assert!(
+            out.status.success(),
+            "{point}: rerun: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(node.slot_hash(Slot::B, new_len), new_sha, "{point}");
+        assert!(node.bootable(Slot::B), "{point}");
+        assert_eq!(
+            node.state().state,
+            State::Staged {
+                version: NEW.into(),
+                slot: Slot::B
+            }
+        );
+        assert_eq!(
+            node.partition_hash(Slot::A),
+            active,
+            "{point}: slot a changed"
+        );
+        // Killed after the first journal sync (1 MiB): the rerun fetches less than all.
+        let fetched = report["bytes_fetched"].as_u64().unwrap();
+        let total = node.server.sent.load(std::sync::atomic::Ordering::SeqCst);
+        if killed && fetched < total - fetched {
+            resumed += 1;
+        }
+    }
+    assert!(
+        aborted >= 50,
+        "only {aborted} of {} points were reached",
+        points.len()
+    );
+    assert!(resumed >= 5, "only {resumed} reruns resumed a download");
+}
