@@ -142,7 +142,7 @@ impl Service {
             if let Ok(mut p) = shared.progress.lock() {
                 *p = Some((done, total));
             }
-            let pct = if total == 0 { 0 } else { done * 100 / total };
+            let pct = (done * 100).checked_div(total).unwrap_or(0);
             if pct != last_pct {
                 last_pct = pct;
                 if let Some(conn) = shared.conn.get() {
@@ -261,10 +261,10 @@ pub fn serve(
 
 /// Call `method` (no arguments, a JSON string back) on the daemon.
 pub fn call(address: Option<&str>, method: &str) -> Result<String, zbus::Error> {
-    let conn = match address {
-        Some(a) => zbus::blocking::connection::Builder::address(a)?.build()?,
-        None => zbus::blocking::Connection::system()?,
-    };
+    // A daemon that hangs must not hang its clients (`status` falls back to the file).
+    let conn = builder(address)?
+        .method_timeout(std::time::Duration::from_secs(30))
+        .build()?;
     let reply = conn.call_method(Some(BUS_NAME), OBJECT_PATH, Some(INTERFACE), method, &())?;
     reply.body().deserialize::<String>()
 }

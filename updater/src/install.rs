@@ -829,7 +829,15 @@ mod tests {
         let idx = index(&["1.0", "1.1", "1.2"], None);
         let none = LocalRefusals::default();
         let up = |v: &str| Choice::Update { version: v.into() };
-        let table: [(&str, Option<&str>, Option<&str>, &[&str], Choice); 8] = [
+        // (running, pinned, max, refused, expected)
+        type Case = (
+            &'static str,
+            Option<&'static str>,
+            Option<&'static str>,
+            &'static [&'static str],
+            Choice,
+        );
+        let table: [Case; 8] = [
             ("1.0", None, None, &[], up("1.2")),
             ("1.2", None, None, &[], Choice::UpToDate),
             ("1.0", None, Some("1.1"), &[], up("1.1")),

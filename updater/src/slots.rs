@@ -33,8 +33,8 @@ pub struct Running {
 pub fn slot_from_cmdline(cmdline: &str) -> Option<Slot> {
     cmdline
         .split_ascii_whitespace()
-        .filter_map(|arg| arg.strip_prefix("root=PARTLABEL="))
-        .last()
+        .rev()
+        .find_map(|arg| arg.strip_prefix("root=PARTLABEL="))
         .and_then(Slot::from_label)
 }
 
