@@ -314,8 +314,8 @@ impl Updater {
         };
         let result = self.update_in(&mut sf, method, refused, progress, &mut report);
         if let Err(e) = &result {
-            if !matches!(e, UpdateError::Illegal(_)) {
-                // Legal from every state an update passes through.
+            if !matches!(e, UpdateError::Illegal(_)) && !is_resting(&sf.state) {
+                // Legal from every non-resting state an update passes through.
                 let _ = sf.apply(Event::Error {
                     reason: e.to_string(),
                 });
@@ -339,6 +339,12 @@ impl Updater {
         crate::state::next(&prev, &Event::CheckStarted)?;
         let (choice, channel) = match self.decide(sf, refused) {
             Ok(x) => x,
+            // A failed check changes nothing a resting state vouches for (a staged slot
+            // stays staged); an interrupted attempt ends in failed.
+            Err(e) if is_resting(&prev) => {
+                sf.failures += 1;
+                return Err(e);
+            }
             Err(e) => {
                 sf.apply(Event::CheckStarted)?;
                 return Err(e);
@@ -725,6 +731,14 @@ impl Updater {
         sf.save(&self.cfg.state_dir)?;
         Ok(sf.state)
     }
+}
+
+/// States a failed check leaves alone.
+fn is_resting(s: &State) -> bool {
+    matches!(
+        s,
+        State::Idle | State::Committed { .. } | State::Staged { .. }
+    )
 }
 
 fn fallback_ok(e: &UpdateError) -> bool {

@@ -193,6 +193,12 @@ pub fn stage_for_kexec(
 ) -> Result<KexecPlan> {
     install_kernel(disk, slot, image_len)?;
     disk.sync()?;
+    kexec_plan(disk, active, slot, version)
+}
+
+/// The kexec plan for a slot already staged (e.g. after a restart in `staged`): reads the
+/// running slot's entry for the command line, writes nothing.
+pub fn kexec_plan(disk: &Disk, active: Slot, slot: Slot, version: &str) -> Result<KexecPlan> {
     let entry = entry_for(disk, active, slot, version, None)?;
     Ok(KexecPlan {
         slot,
@@ -201,6 +207,14 @@ pub fn stage_for_kexec(
         cmdline: entry.options(),
         entry,
     })
+}
+
+/// Read a staged slot's kernel and initrd back from the ESP (what `kexec_file_load` gets).
+pub fn read_staged(disk: &Disk, plan: &KexecPlan) -> Result<(Vec<u8>, Vec<u8>)> {
+    Ok((
+        imgdisk::esp::read_esp_file(disk.open_esp()?, &plan.kernel)?,
+        imgdisk::esp::read_esp_file(disk.open_esp()?, &plan.initrd)?,
+    ))
 }
 
 /// Write `entry` as the only entry of its slot (replacing any other counter state), sync.

@@ -13,7 +13,7 @@ use common::*;
 use imgformat::boot::BootEntry;
 use imgformat::layout::Slot;
 use imgupdate::install::LocalRefusals;
-use imgupdate::{Method, State, UpdateError};
+use imgupdate::{Event, Method, State, Strategy, UpdateError};
 
 fn new_sha() -> String {
     sha256_file(&base().new_img)
@@ -122,12 +122,20 @@ fn kexec_strategy_stages_kernel_but_no_entry() {
         !node.bootable(Slot::B),
         "no entry before the health checks passed"
     );
+    let (kernel, initrd) = imgupdate::stage::read_staged(&node.disk(), &plan).unwrap();
+    assert!(kernel == base().new_kernel);
+    assert_eq!(initrd.len(), 300 << 10);
+    // After a restart in `staged` the same plan is derived without writing anything.
+    let again = imgupdate::stage::kexec_plan(&node.disk(), Slot::A, Slot::B, NEW).unwrap();
+    assert_eq!(again, plan);
     // Issue 6 writes it after the health checks: the good entry without a counter.
     imgupdate::stage::commit_entry(&node.disk(), &plan.entry).unwrap();
     assert!(node.entries().contains(&"imgbuild-b.conf".to_string()));
 }
 
-/// Every bad-input case: a clear error, slot b unbootable, slot a byte-identical, state failed.
+/// Every bad-input case: a clear error, slot b unbootable, slot a byte-identical, the
+/// failure counted. A download that started ends in `failed`; a channel that cannot be
+/// trusted leaves the idle node idle (nothing was in flight).
 fn assert_refused(node: &Node, active: &str, err: &UpdateError) {
     assert!(
         !node.bootable(Slot::B),
@@ -138,7 +146,16 @@ fn assert_refused(node: &Node, active: &str, err: &UpdateError) {
         active,
         "{err}: slot a untouched"
     );
-    assert!(matches!(node.state().state, State::Failed { .. }), "{err}");
+    let sf = node.state();
+    assert_eq!(sf.failures, 1, "{err}");
+    match err {
+        UpdateError::Channel(_) => assert_eq!(sf.state, State::Idle, "{err}"),
+        _ => assert!(
+            matches!(sf.state, State::Failed { .. }),
+            "{err}: {:?}",
+            sf.state
+        ),
+    }
 }
 
 #[test]
@@ -289,4 +306,135 @@ fn range_answered_with_200_is_refused_then_resumes() {
     assert_eq!(node.server.ranges.load(Ordering::SeqCst), before + 1);
     assert_eq!(report.bytes_fetched, len - half.len() as u64);
     assert_staged(&node, &report);
+}
+
+/// Pretend the node rebooted into `version` on `slot` (what os-release and the kernel
+/// command line would say).
+fn boot(node: &Node, version: &str, slot: Slot) {
+    std::fs::write(
+        &node.cfg.os_release,
+        format!("IMAGE_ID=minimal\nIMAGE_VERSION={version}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        &node.cfg.kernel_cmdline,
+        format!("root=PARTLABEL={} ro console=ttyS0 quiet\n", slot.label()),
+    )
+    .unwrap();
+}
+
+/// Drive the issue-6 steps in the state file as the lock/drain layer would.
+fn to_rebooting(node: &Node) {
+    let mut sf = node.state();
+    sf.apply(Event::LockRequested).unwrap();
+    sf.apply(Event::LockAcquired).unwrap();
+    sf.apply(Event::Drained {
+        strategy: Strategy::Reboot,
+    })
+    .unwrap();
+    sf.save(&node.cfg.state_dir).unwrap();
+}
+
+#[test]
+fn what_booted_decides_trial_rollback_and_refusal() {
+    let node = Node::new("reboot");
+    update(&node, Method::Delta).unwrap();
+    to_rebooting(&node);
+    // The new slot booted: trial.
+    boot(&node, NEW, Slot::B);
+    let sf = node.updater().start().unwrap();
+    assert_eq!(
+        sf.state,
+        State::Trial {
+            version: NEW.into(),
+            slot: Slot::B
+        }
+    );
+    // Rejected (as a failed health verdict or an operator would): its entry is marked
+    // bad, the old slot's entry stays good, the version is never taken again.
+    let state = node.updater().rollback().unwrap();
+    assert_eq!(
+        state,
+        State::RollingBack {
+            version: NEW.into(),
+            slot: Slot::B
+        }
+    );
+    let entries = node.entries();
+    assert!(
+        entries.contains(&"imgbuild-b+0-3.conf".to_string()),
+        "{entries:?}"
+    );
+    assert!(
+        entries.contains(&"imgbuild-a.conf".to_string()),
+        "{entries:?}"
+    );
+    assert!(!node.bootable(Slot::B));
+    // The old slot booted: the rollback is done and recorded.
+    boot(&node, OLD, Slot::A);
+    let sf = node.updater().start().unwrap();
+    assert!(
+        matches!(&sf.state, State::Failed { reason } if reason.contains("1.1 rolled back")),
+        "{:?}",
+        sf.state
+    );
+    assert_eq!(sf.failed_versions, vec![NEW.to_string()]);
+    let choice = node.updater().check(&LocalRefusals::default()).unwrap();
+    assert_eq!(
+        choice,
+        imgupdate::Choice::Refused {
+            version: NEW.into()
+        }
+    );
+    // And `update` writes nothing for it.
+    let r = update(&node, Method::Auto).unwrap();
+    assert_eq!(r.bytes_fetched, 0);
+    assert!(!node.bootable(Slot::B));
+}
+
+#[test]
+fn a_reboot_that_lands_on_the_old_slot_fails_the_version() {
+    let node = Node::new("reboot");
+    update(&node, Method::Delta).unwrap();
+    to_rebooting(&node);
+    // Boot counting fell back (or the reboot never happened): 1.0 on slot a runs.
+    let sf = node.updater().start().unwrap();
+    assert!(
+        matches!(&sf.state, State::Failed { reason }
+            if reason.contains("expected 1.1 on slot b, but 1.0 on slot a booted")),
+        "{:?}",
+        sf.state
+    );
+    assert_eq!(sf.failed_versions, vec![NEW.to_string()]);
+    // The cluster-wide list (issue 6) plugs in through the trait.
+    struct Cluster;
+    impl imgupdate::RefusedVersions for Cluster {
+        fn is_refused(&self, v: &str) -> bool {
+            v == "1.1"
+        }
+    }
+    let fresh = Node::new("reboot");
+    assert_eq!(
+        fresh.updater().check(&Cluster).unwrap(),
+        imgupdate::Choice::Refused {
+            version: NEW.into()
+        }
+    );
+}
+
+#[test]
+fn illegal_commands_are_typed_errors() {
+    let node = Node::new("reboot");
+    let err = node.updater().rollback().unwrap_err();
+    assert!(matches!(err, UpdateError::Illegal(_)), "{err}");
+    assert_eq!(err.exit_code(), 3);
+    assert_eq!(
+        err.to_string(),
+        "rollback_requested is not allowed in state idle"
+    );
+    // A second updater on the same state dir is refused while one runs.
+    let u = node.updater();
+    let _held = u.lock().unwrap();
+    let err = node.updater().check(&LocalRefusals::default()).unwrap_err();
+    assert!(matches!(err, UpdateError::Busy(_)), "{err}");
 }
