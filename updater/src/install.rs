@@ -184,6 +184,8 @@ pub struct UpdateReport {
     pub slot: Option<Slot>,
     pub method: Option<Method>,
     pub bytes_fetched: u64,
+    /// Bytes of the new image copied from the active slot (delta copies or seeded chunks).
+    pub seeded_bytes: u64,
     pub strategy: Strategy,
     /// For `kexec`: what to load.
     pub kexec: Option<KexecPlan>,
@@ -308,6 +310,7 @@ impl Updater {
             slot: None,
             method: None,
             bytes_fetched: 0,
+            seeded_bytes: 0,
             strategy: self.cfg.strategy,
             kexec: None,
             state: sf.state.clone(),
@@ -548,7 +551,8 @@ impl Updater {
             .disk
             .open_slot(self.running.slot, Some(header.source_size))?;
         let mut w = self.slot_writer(manifest.image.size, progress)?;
-        imgformat::delta::apply(source, open()?, &mut w)?;
+        let stats = imgformat::delta::apply(source, open()?, &mut w)?;
+        report.seeded_bytes = stats.copied;
         w.finish()?;
         self.disk.sync()?;
         Ok(())
@@ -628,6 +632,7 @@ impl Updater {
         // The channel serves no separate chunk store yet: missing chunks are cut from the
         // (resumably downloaded, TUF-verified) full image, read sequentially.
         let mut image: Option<(zstd::Decoder<'static, BufReader<File>>, u64)> = None;
+        report.seeded_bytes = plan.seed_bytes;
         if plan.fetch_chunks > 0 {
             let path = self.fetch(channel, fetcher, &manifest.image.target, report)?;
             let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;

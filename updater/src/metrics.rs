@@ -155,4 +155,28 @@ mod tests {
         assert!(text.contains("imgupdate_failures_total 2\n"));
         assert!(text.contains("imgupdate_last_check_timestamp_seconds 1767225600\n"));
     }
+
+    #[test]
+    fn serves_metrics_on_a_local_port() {
+        use std::io::Read;
+        let addr = serve("127.0.0.1:0".parse().unwrap(), || {
+            "imgupdate_failures_total 7\n".into()
+        })
+        .unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+        assert!(
+            resp.ends_with("\r\n\r\nimgupdate_failures_total 7\n"),
+            "{resp}"
+        );
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /other HTTP/1.1\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    }
 }
