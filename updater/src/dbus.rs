@@ -75,7 +75,14 @@ impl Status {
     pub fn read(cfg: &Config) -> anyhow::Result<Status> {
         let running = crate::slots::running(&cfg.os_release, &cfg.kernel_cmdline)?;
         let sf = StateFile::load(&cfg.state_dir)?;
-        Ok(Status::from_parts(running, &sf))
+        let mut status = Status::from_parts(running, &sf);
+        if let State::Downloading { .. } = sf.state {
+            status.progress = std::fs::read(cfg.state_dir.join(crate::install::PROGRESS_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| Some((v["done"].as_u64()?, v["total"].as_u64()?)));
+        }
+        Ok(status)
     }
 
     fn from_parts(running: Running, sf: &StateFile) -> Status {
@@ -190,7 +197,9 @@ impl Service {
     fn status(&self) -> Result<String, Update1Error> {
         let mut s = Status::read(&self.cfg).map_err(|e| Update1Error::Failed(format!("{e:#}")))?;
         s.daemon = true;
-        s.progress = self.shared.progress.lock().ok().and_then(|p| *p);
+        if let Some(p) = self.shared.progress.lock().ok().and_then(|p| *p) {
+            s.progress = Some(p);
+        }
         json(&s)
     }
 

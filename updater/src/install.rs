@@ -170,6 +170,9 @@ pub enum Method {
     Full,
 }
 
+/// `{version, done, total}` of the slot being written, in the state directory.
+pub const PROGRESS_FILE: &str = "progress.json";
+
 /// Slot writes are gathered into blocks of this size.
 const WRITE_BUF: usize = 1 << 20;
 
@@ -390,7 +393,24 @@ impl Updater {
         failpoint::hit("install.invalidated");
 
         let fetcher = Fetcher::new(&self.cfg.channel_url)?;
-        let used = self.write_slot(&channel, &fetcher, &manifest, method, progress, report)?;
+        // Progress for readers without a daemon (`imgupdate status`): every 5 %, atomically.
+        let progress_path = self.cfg.state_dir.join(PROGRESS_FILE);
+        let mut last_step = u64::MAX;
+        let mut tee = |done: u64, total: u64| {
+            progress(done, total);
+            let step = (done * 20).checked_div(total).unwrap_or(0);
+            if step != last_step {
+                last_step = step;
+                let body = serde_json::json!({ "version": version, "done": done, "total": total });
+                if let Err(e) =
+                    crate::state::write_atomic(&progress_path, body.to_string().as_bytes())
+                {
+                    tracing::warn!("writing {}: {e:#}", progress_path.display());
+                }
+            }
+        };
+        let used = self.write_slot(&channel, &fetcher, &manifest, method, &mut tee, report)?;
+        let _ = std::fs::remove_file(&progress_path);
         report.method = Some(used);
         sf.apply(Event::Written)?;
         sf.save(&self.cfg.state_dir)?;

@@ -43,6 +43,19 @@
 //! new. A version whose trial failed or was rolled back is recorded in
 //! `failed_versions` and never installed again on this node.
 
+//! # For issue 6 (lock, drain, kexec, health)
+//!
+//! - Drive the flow with [`StateFile::load`] / [`StateFile::apply`] / [`StateFile::save`]
+//!   (events `LockRequested`, `LockAcquired`, `Drained{strategy}`, `HealthPassed`,
+//!   `HealthFailed`), holding [`Updater::lock`] while doing so; call [`Updater::start`] at
+//!   every start so what booted decides.
+//! - kexec: [`stage::kexec_plan`] / [`stage::read_staged`] give the kernel, initrd and
+//!   command line of the staged slot; after the checks passed, [`stage::commit_entry`]
+//!   with `plan.entry` makes it the firmware default (newest version, no counter = good).
+//! - Reject a slot: [`Updater::rollback`] (or [`stage::mark_bad`]); the version lands in
+//!   `failed_versions`. Cluster-wide refusals plug in through [`RefusedVersions`].
+//! - `[lock]` and `[health]` of the config arrive as opaque tables in [`Config`].
+
 pub mod config;
 pub mod dbus;
 pub mod failpoint;

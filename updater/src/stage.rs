@@ -161,6 +161,13 @@ pub fn entry_for(
 
 fn install_kernel(disk: &Disk, slot: Slot, image_len: u64) -> Result<()> {
     let (kernel, initrd) = read_kernel(disk, slot, image_len)?;
+    // The slot has no entry (removed before it was written), so its old kernel and
+    // initrd boot nothing: drop them first, so the ESP never needs room for three pairs.
+    if !slot_entries(disk, slot)?.is_empty() {
+        bail!("slot {slot} still has a boot entry; refusing to replace its kernel");
+    }
+    imgdisk::esp::remove_file(disk.open_esp()?, &boot::kernel_path(slot))?;
+    imgdisk::esp::remove_file(disk.open_esp()?, &boot::initrd_path(slot))?;
     imgdisk::esp::write_file(disk.open_esp()?, &boot::kernel_path(slot), &kernel)?;
     imgdisk::esp::write_file(disk.open_esp()?, &boot::initrd_path(slot), &initrd)?;
     Ok(())

@@ -80,6 +80,19 @@ fn killed_at_any_point_then_rerun_ends_verified() {
             active,
             "{point}: slot a changed"
         );
+        // Killed while writing the slot: `status` (no daemon) shows how far it got.
+        if killed && point.starts_with("slot.write:") && point != "slot.write:1" {
+            let out = Command::new(env!("CARGO_BIN_EXE_imgupdate"))
+                .arg("--config")
+                .arg(&node.config_path)
+                .args(["--bus", "unix:path=/nonexistent/bus", "--json", "status"])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["state"]["state"], "downloading", "{point}: {v}");
+            assert_eq!(v["progress"][1].as_u64(), Some(new_len), "{point}: {v}");
+            assert!(v["progress"][0].as_u64().unwrap() > 0, "{point}: {v}");
+        }
         // The rerun finishes.
         let out = run(&node, None);
         assert!(
