@@ -16,10 +16,14 @@ use imgformat::layout::Slot;
 use imgupdate::State;
 
 fn run(node: &Node, failpoint: Option<&str>) -> std::process::Output {
+    run_with(node, failpoint, "full")
+}
+
+fn run_with(node: &Node, failpoint: Option<&str>, method: &str) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgupdate"));
     cmd.arg("--config")
         .arg(&node.config_path)
-        .args(["--json", "update", "--method", "full"])
+        .args(["--json", "update", "--method", method])
         .env("IMGUPDATE_LOG", "warn")
         .env_remove("IMGUPDATE_FAILPOINT");
     if let Some(fp) = failpoint {
@@ -128,4 +132,51 @@ fn killed_at_any_point_then_rerun_ends_verified() {
         points.len()
     );
     assert!(resumed >= 5, "only {resumed} reruns resumed a download");
+}
+
+/// The delta and chunk writers under the same crashes (fewer points: same download code).
+#[test]
+fn killed_delta_and_chunk_writes_rerun_to_a_verified_slot() {
+    let b = base();
+    let new_len = std::fs::metadata(&b.new_img).unwrap().len();
+    let new_sha = sha256_file(&b.new_img);
+    let mut aborted = 0;
+    for method in ["delta", "chunks"] {
+        for point in [
+            "fetch.write:1",
+            "slot.write:1",
+            "slot.write:5",
+            "slot.write:12",
+            "install.verified:1",
+            "stage.entry:1",
+        ] {
+            let node = Node::new("reboot");
+            let active = node.partition_hash(Slot::A);
+            let out = run_with(&node, Some(point), method);
+            if out.status.code().is_none() {
+                aborted += 1;
+            }
+            if node.bootable(Slot::B) {
+                assert_eq!(
+                    node.slot_hash(Slot::B, new_len),
+                    new_sha,
+                    "{method} {point}"
+                );
+            }
+            let out = run_with(&node, None, method);
+            assert!(
+                out.status.success(),
+                "{method} {point}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            assert_eq!(
+                node.slot_hash(Slot::B, new_len),
+                new_sha,
+                "{method} {point}"
+            );
+            assert!(node.bootable(Slot::B), "{method} {point}");
+            assert_eq!(node.partition_hash(Slot::A), active, "{method} {point}");
+        }
+    }
+    assert!(aborted >= 10, "only {aborted} crashes happened");
 }
