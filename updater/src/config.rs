@@ -148,13 +148,16 @@ impl Config {
             path: origin.to_string(),
             source: Box::new(e),
         })?;
-        cfg.validate(origin)?;
+        cfg.validate(origin, text)?;
         Ok(cfg)
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| ConfigError::Invalid {
-            path: origin.to_string(),
+    fn validate(&self, origin: &str, text: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, reason: &str| ConfigError::Invalid {
+            path: match line_of(text, field) {
+                Some(n) => format!("{origin}, line {n}"),
+                None => origin.to_string(),
+            },
             field,
             reason: reason.to_string(),
         };
@@ -192,6 +195,17 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("metadata"))
     }
+}
+
+/// 1-based line of the top-level `key = ...` assignment in `text`, for error messages.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]
@@ -253,7 +267,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("field `pinned_version`"), "{err}");
+        assert!(
+            err.contains("line 3") && err.contains("field `pinned_version`"),
+            "{err}"
+        );
         let err = Config::parse(&format!("{MINIMAL}check_interval_secs = 5\n"), "c.toml")
             .unwrap_err()
             .to_string();

@@ -45,7 +45,7 @@ impl From<UpdateError> for Update1Error {
             UpdateError::Illegal(_) => Update1Error::IllegalTransition(msg),
             UpdateError::Channel(_) => Update1Error::Channel(msg),
             UpdateError::Fetch(_) => Update1Error::Download(msg),
-            UpdateError::Delta(_) | UpdateError::Chunks(_) | UpdateError::SlotMismatch { .. } => {
+            UpdateError::Delta(_) | UpdateError::Mismatch(_) | UpdateError::SlotMismatch { .. } => {
                 Update1Error::Verification(msg)
             }
             UpdateError::NotPublished(_) => Update1Error::NotPublished(msg),

@@ -42,8 +42,9 @@ pub enum UpdateError {
     Fetch(#[from] FetchError),
     #[error("delta: {0}")]
     Delta(#[from] imgformat::error::DeltaError),
-    #[error("the image does not match its signed chunk index: {0}")]
-    Chunks(String),
+    /// Signed pieces that do not fit together (delta header, chunk index, release).
+    #[error("the downloaded data does not match the signed release: {0}")]
+    Mismatch(String),
     #[error("slot {slot} does not hash to the signed sha256 of {version} (got {got}, want {want}); it stays unbootable")]
     SlotMismatch {
         slot: Slot,
@@ -66,7 +67,7 @@ impl UpdateError {
             UpdateError::Illegal(_) => "org.imgbuild.Update1.Error.IllegalTransition",
             UpdateError::Channel(_) => "org.imgbuild.Update1.Error.Channel",
             UpdateError::Fetch(_) => "org.imgbuild.Update1.Error.Download",
-            UpdateError::Delta(_) | UpdateError::Chunks(_) | UpdateError::SlotMismatch { .. } => {
+            UpdateError::Delta(_) | UpdateError::Mismatch(_) | UpdateError::SlotMismatch { .. } => {
                 "org.imgbuild.Update1.Error.Verification"
             }
             UpdateError::NotPublished(_) => "org.imgbuild.Update1.Error.NotPublished",
@@ -81,7 +82,9 @@ impl UpdateError {
             UpdateError::Illegal(_) => 3,
             UpdateError::Channel(_) => 4,
             UpdateError::Fetch(_) => 5,
-            UpdateError::Delta(_) | UpdateError::Chunks(_) | UpdateError::SlotMismatch { .. } => 6,
+            UpdateError::Delta(_) | UpdateError::Mismatch(_) | UpdateError::SlotMismatch { .. } => {
+                6
+            }
             UpdateError::NotPublished(_) => 7,
             UpdateError::Busy(_) => 8,
             UpdateError::Other(_) => 1,
@@ -559,7 +562,7 @@ impl Updater {
         if header.target_sha256.to_hex() != manifest.image.sha256
             || header.target_size != manifest.image.size
         {
-            return Err(UpdateError::Chunks(format!(
+            return Err(UpdateError::Mismatch(format!(
                 "delta {target} produces {} ({} bytes), the release says {} ({} bytes)",
                 header.target_sha256.to_hex(),
                 header.target_size,
@@ -624,11 +627,11 @@ impl Updater {
             || UpdateError::NotPublished(format!("chunk index of {}", manifest.version));
         let name = manifest.chunk_index.as_deref().ok_or_else(not_published)?;
         let want = ChunkIndex::from_json(&channel.read_target(name)?)
-            .map_err(|e| UpdateError::Chunks(format!("{name}: {e}")))?;
+            .map_err(|e| UpdateError::Mismatch(format!("{name}: {e}")))?;
         if want.image_sha256.to_hex() != manifest.image.sha256
             || want.image_size != manifest.image.size
         {
-            return Err(UpdateError::Chunks(format!(
+            return Err(UpdateError::Mismatch(format!(
                 "{name} describes another image"
             )));
         }
@@ -641,7 +644,7 @@ impl Updater {
                 self.running.version
             ))
         })?)
-        .map_err(|e| UpdateError::Chunks(format!("{have_name}: {e}")))?;
+        .map_err(|e| UpdateError::Mismatch(format!("{have_name}: {e}")))?;
         let plan = chunks_missing(&want, &have);
         tracing::info!(
             "chunks: {} bytes from the active slot, {} bytes in {} chunks to fetch",
@@ -684,13 +687,13 @@ impl Updater {
             }
             if !ok {
                 let (dec, pos) = image.as_mut().ok_or_else(|| {
-                    UpdateError::Chunks(format!(
+                    UpdateError::Mismatch(format!(
                         "chunk at {} needs the image, which was not fetched",
                         c.offset
                     ))
                 })?;
                 if *pos > c.offset {
-                    return Err(UpdateError::Chunks(format!(
+                    return Err(UpdateError::Mismatch(format!(
                         "chunk at {} comes before {pos}",
                         c.offset
                     )));
@@ -700,7 +703,7 @@ impl Updater {
                 dec.read_exact(&mut buf).context("reading the image")?;
                 *pos = c.offset + u64::from(c.len);
                 if Sha256Digest::of(&buf) != c.sha256 {
-                    return Err(UpdateError::Chunks(format!(
+                    return Err(UpdateError::Mismatch(format!(
                         "chunk at {} of the image does not match",
                         c.offset
                     )));
@@ -769,7 +772,7 @@ fn is_resting(s: &State) -> bool {
 fn fallback_ok(e: &UpdateError) -> bool {
     matches!(
         e,
-        UpdateError::Delta(_) | UpdateError::Chunks(_) | UpdateError::NotPublished(_)
+        UpdateError::Delta(_) | UpdateError::Mismatch(_) | UpdateError::NotPublished(_)
     )
 }
 

@@ -57,6 +57,13 @@ enum Command {
     },
     /// Drop a staged update, or mark the trial/committed slot bad so the old one boots.
     Rollback,
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -121,6 +128,26 @@ fn print<T: serde::Serialize>(
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    // These need no configuration (packaging runs them at build time).
+    match &cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "imgupdate",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            return clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("writing the man page");
+        }
+        _ => {}
+    }
     let cfg = load_config(cli)?;
     let bus = cli.bus.as_deref();
     match &cli.command {
@@ -178,6 +205,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let state = Updater::new(cfg)?.rollback()?;
             print(cli.json, &state, |s| format!("state {}", s.name()))
         }
+        Command::Completions { .. } | Command::Man => Ok(()),
     }
 }
 

@@ -88,3 +88,17 @@ fn cli_reports_config_errors_with_field_and_line() {
         "{err}"
     );
 }
+
+#[test]
+fn completions_and_man_page_need_no_config() {
+    for args in [&["completions", "bash"][..], &["man"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_imgupdate"))
+            .args(["--config", "/nonexistent.toml"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("rollback"), "{args:?}: {text}");
+    }
+}
