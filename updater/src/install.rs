@@ -370,6 +370,14 @@ impl Updater {
                 Choice::Update { version },
             ) if *staged == version => {
                 report.slot = Some(*slot);
+                if self.cfg.strategy == Strategy::Kexec {
+                    report.kexec = Some(stage::kexec_plan(
+                        &self.disk,
+                        self.running.slot,
+                        *slot,
+                        &version,
+                    )?);
+                }
                 return Ok(());
             }
             (_, Choice::Update { version }) => version,
@@ -383,7 +391,22 @@ impl Updater {
         };
         sf.apply(Event::CheckStarted)?;
         sf.save(&self.cfg.state_dir)?;
-        let manifest = channel.release(&version)?;
+        let manifest = self.reachable(&channel, &version)?;
+        let version = manifest.version.clone();
+        if report.choice
+            != (Choice::Update {
+                version: version.clone(),
+            })
+        {
+            tracing::info!(
+                "{} is not reachable from {} in one step; going to {version} first",
+                report_version(&report.choice),
+                self.running.version
+            );
+            report.choice = Choice::Update {
+                version: version.clone(),
+            };
+        }
         sf.apply(Event::UpdateFound {
             version: version.clone(),
         })?;
@@ -454,6 +477,43 @@ impl Updater {
         // The download served its purpose; keep the state dir small.
         crate::fetch::prune(&self.downloads(), &[])?;
         Ok(())
+    }
+
+    /// The manifest of `goal`, or, when `goal` requires a newer running version
+    /// (`min_update_from`), of the newest release between the running version and `goal`
+    /// that this node may install directly (a stepping stone).
+    fn reachable(&self, channel: &Channel, goal: &str) -> Result<ReleaseManifest, UpdateError> {
+        let running = &self.running.version;
+        let allows = |m: &ReleaseManifest| {
+            m.min_update_from
+                .as_deref()
+                .map_or(true, |min| compare_versions(running, min) != Ordering::Less)
+        };
+        let m = channel.release(goal)?;
+        if allows(&m) {
+            return Ok(m);
+        }
+        let mut between: Vec<&str> = channel
+            .index()
+            .releases
+            .iter()
+            .map(|r| r.version.as_str())
+            .filter(|v| {
+                compare_versions(v, running) == Ordering::Greater
+                    && compare_versions(v, goal) == Ordering::Less
+            })
+            .collect();
+        between.sort_by(|a, b| compare_versions(b, a));
+        for v in between {
+            let m = channel.release(v)?;
+            if allows(&m) {
+                return Ok(m);
+            }
+        }
+        Err(UpdateError::NotPublished(format!(
+            "a release that {running} may update to on the way to {goal} (min_update_from {})",
+            m.min_update_from.as_deref().unwrap_or("?")
+        )))
     }
 
     fn write_slot(
@@ -758,6 +818,15 @@ impl Updater {
         }
         sf.save(&self.cfg.state_dir)?;
         Ok(sf.state)
+    }
+}
+
+fn report_version(c: &Choice) -> &str {
+    match c {
+        Choice::Update { version }
+        | Choice::Refused { version }
+        | Choice::PinnedMissing { version } => version,
+        Choice::UpToDate => "",
     }
 }
 

@@ -441,3 +441,37 @@ fn illegal_commands_are_typed_errors() {
     let err = node.updater().check(&LocalRefusals::default()).unwrap_err();
     assert!(matches!(err, UpdateError::Busy(_)), "{err}");
 }
+
+#[test]
+fn min_update_from_goes_through_a_stepping_stone() {
+    let node = Node::new("reboot");
+    // 1.2 may only be installed from 1.1 on; the node runs 1.0.
+    let signing = imgchannel::SigningKeys::new([base().key.clone()]).unwrap();
+    let release = imgchannel::ReleaseInput {
+        name: "minimal".into(),
+        version: "1.2".into(),
+        recipe_digest: format!("sha256:{}", "cd".repeat(32)),
+        image: base().new_img.clone(),
+        chunk_index: None,
+        deltas: vec![],
+        min_update_from: Some(NEW.into()),
+        release_notes: String::new(),
+        allow_downgrade: false,
+        zstd_level: 1,
+    };
+    imgchannel::publish(&node.channel, &signing, &release, &Default::default()).unwrap();
+    assert_eq!(
+        node.updater().check(&LocalRefusals::default()).unwrap(),
+        imgupdate::Choice::Update {
+            version: "1.2".into()
+        }
+    );
+    let report = update(&node, Method::Auto).unwrap();
+    assert_eq!(
+        report.choice,
+        imgupdate::Choice::Update {
+            version: NEW.into()
+        }
+    );
+    assert_staged(&node, &report);
+}
