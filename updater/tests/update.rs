@@ -475,3 +475,26 @@ fn min_update_from_goes_through_a_stepping_stone() {
     );
     assert_staged(&node, &report);
 }
+
+#[test]
+fn metadata_cache_refuses_a_rolled_back_channel() {
+    let node = Node::new("reboot");
+    let ts = node.channel.join("metadata/timestamp.json");
+    let old_ts = std::fs::read(&ts).unwrap();
+    let signing = imgchannel::SigningKeys::new([base().key.clone()]).unwrap();
+    imgchannel::refresh(&node.channel, &signing, &Default::default()).unwrap();
+    // The node sees (and caches) the newer timestamp.
+    node.updater().check(&LocalRefusals::default()).unwrap();
+    // A mirror (or attacker) serves the older, validly signed one again.
+    std::fs::write(&ts, old_ts).unwrap();
+    let active = node.partition_hash(Slot::A);
+    let err = update(&node, Method::Auto).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::Channel(imgchannel::LoadError::Rollback { .. })
+        ),
+        "{err}"
+    );
+    assert_refused(&node, &active, &err);
+}
