@@ -217,6 +217,14 @@ mod tests {
                            trusted_root = \"/usr/share/imgupdate/root.json\"\n";
 
     #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../dist/config.toml.example");
+        let c = Config::parse(text, "config.toml.example").unwrap();
+        assert_eq!(c.strategy, Strategy::Kexec);
+        assert_eq!(c.metrics.listen.unwrap().to_string(), "127.0.0.1:9548");
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::parse(MINIMAL, "c.toml").unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/imgupdate"));

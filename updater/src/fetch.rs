@@ -297,3 +297,89 @@ pub fn prune(dir: &Path, keep: &[String]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn setup(data: &[u8]) -> (tempfile::TempDir, Fetcher, Expected) {
+        let tmp = tempfile::tempdir().unwrap();
+        let sha = hex::encode(Sha256::digest(data));
+        fs::create_dir_all(tmp.path().join("channel/targets")).unwrap();
+        fs::write(
+            tmp.path().join(format!("channel/targets/{sha}.t.bin")),
+            data,
+        )
+        .unwrap();
+        let url = format!("file://{}", tmp.path().join("channel").display());
+        let t = Expected {
+            name: "t.bin".into(),
+            length: data.len() as u64,
+            sha256: sha,
+        };
+        (tmp, Fetcher::new(&url).unwrap(), t)
+    }
+
+    #[test]
+    fn local_fetch_verifies_and_resumes_from_the_journal() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (tmp, f, t) = setup(&data);
+        let dl = tmp.path().join("dl");
+        fs::create_dir_all(&dl).unwrap();
+        // A crash left 100 000 bytes synced and 50 000 more that may be torn.
+        let partial = dl.join(format!("{}.t.bin.partial", t.sha256));
+        let mut torn = data[..150_000].to_vec();
+        torn[120_000] ^= 1;
+        fs::write(&partial, &torn).unwrap();
+        let journal = Journal {
+            name: t.name.clone(),
+            sha256: t.sha256.clone(),
+            length: t.length,
+            synced: 100_000,
+        };
+        fs::write(
+            dl.join(format!("{}.t.bin.journal", t.sha256)),
+            serde_json::to_vec(&journal).unwrap(),
+        )
+        .unwrap();
+        let mut seen = 0;
+        let (path, fetched) = f.fetch(&t, &dl, &mut |d, _| seen = d).unwrap();
+        assert_eq!(fetched, 200_000, "only the bytes after the synced ones");
+        assert_eq!(seen, 300_000);
+        assert_eq!(fs::read(&path).unwrap(), data);
+        assert!(!partial.exists());
+        // Already there: nothing fetched.
+        assert_eq!(f.fetch(&t, &dl, &mut |_, _| {}).unwrap().1, 0);
+    }
+
+    #[test]
+    fn wrong_length_or_hash_is_never_handed_out() {
+        let data = vec![5u8; 10_000];
+        let (tmp, f, mut t) = setup(&data);
+        let dl = tmp.path().join("dl");
+        let good = t.clone();
+        t.length = 9_000;
+        assert!(matches!(
+            f.fetch(&t, &dl, &mut |_, _| {}),
+            Err(FetchError::TooLong { .. })
+        ));
+        t.length = 11_000;
+        assert!(matches!(
+            f.fetch(&t, &dl, &mut |_, _| {}),
+            Err(FetchError::Truncated { .. })
+        ));
+        // Same name and length, different content: the signed hash decides.
+        fs::write(
+            tmp.path()
+                .join(format!("channel/targets/{}.t.bin", good.sha256)),
+            vec![6u8; 10_000],
+        )
+        .unwrap();
+        let err = f.fetch(&good, &dl, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, FetchError::Mismatch { .. }), "{err}");
+        assert!(!dl.join(format!("{}.t.bin", good.sha256)).exists());
+        assert!(!dl.join(format!("{}.t.bin.partial", good.sha256)).exists());
+    }
+}
