@@ -126,11 +126,17 @@ fn release(base: &Path, version: &str, img: &Path, deltas: Vec<DeltaInput>) -> R
 pub fn base() -> &'static Base {
     static BASE: OnceLock<Base> = OnceLock::new();
     BASE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("imgupdate-fixture-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        // One fixture per test binary, replaced on every run (never piles up in /tmp).
+        let exe = std::env::current_exe().unwrap();
+        let stem = exe.file_stem().unwrap().to_string_lossy().into_owned();
+        // `update-<hash>`: the name without cargo's hash, so rebuilds reuse the directory.
+        let stem = stem
+            .rsplit_once('-')
+            .map_or(stem.clone(), |(s, _)| s.to_string());
+        let dir =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("imgupdate-fixture-{stem}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
         let old_img = image(&dir, OLD);
         let new_img = image(&dir, NEW);
         let delta = dir.join("old-new.delta");
