@@ -1269,6 +1269,22 @@ impl AsyncChannel {
         }
     }
 
+    /// Length and sha256 (hex) of target `name` as the verified targets metadata signs
+    /// them, for callers that fetch the file themselves (resumable HTTP Range downloads of
+    /// `targets/<sha256>.<name>`) and must check it against exactly these values.
+    pub fn target_digest(&self, name: &str) -> Result<(u64, String), LoadError> {
+        let tn = TargetName::new(name)?;
+        let target = self
+            .repo
+            .targets()
+            .signed
+            .find_target(&tn, false)
+            .map_err(|_| LoadError::NotFound {
+                name: name.to_owned(),
+            })?;
+        Ok((target.length, hex::encode(&target.hashes.sha256)))
+    }
+
     /// The bytes of target `name`, returned only after the whole target verified.
     pub async fn read_target(&self, name: &str) -> Result<Vec<u8>, LoadError> {
         read_verified(&self.repo, name).await
@@ -1343,6 +1359,11 @@ impl Channel {
     /// The manifest of the channel's `latest` release, if any.
     pub fn latest_release(&self) -> Result<Option<ReleaseManifest>, LoadError> {
         self.rt.block_on(self.inner.latest_release())
+    }
+
+    /// See [`AsyncChannel::target_digest`].
+    pub fn target_digest(&self, name: &str) -> Result<(u64, String), LoadError> {
+        self.inner.target_digest(name)
     }
 
     /// The bytes of target `name`, returned only after the whole target verified.

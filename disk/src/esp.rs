@@ -284,6 +284,114 @@ pub fn read_esp_file<F: Read + Write + Seek>(mut partition: F, path: &str) -> Re
     Ok(data)
 }
 
+// ---------------------------------------------------------------------------------------
+// Changing files in an existing ESP (the updater on a node). Each call opens the
+// filesystem on `partition`, does one thing and unmounts it cleanly (FSInfo written);
+// the caller fsyncs the device afterwards. Times come from the node's clock.
+
+fn open_fs<F: Read + Write + Seek>(partition: &mut F) -> Result<FileSystem<&mut F>> {
+    partition
+        .seek(SeekFrom::Start(0))
+        .context("seeking to the start of the ESP")?;
+    FileSystem::new(partition, FsOptions::new()).context("opening the ESP")
+}
+
+/// Names of the files (not directories) in `dir` of an existing ESP, sorted; empty when
+/// `dir` does not exist.
+pub fn list_dir<F: Read + Write + Seek>(mut partition: F, dir: &str) -> Result<Vec<String>> {
+    let fs = open_fs(&mut partition)?;
+    let mut names = Vec::new();
+    {
+        let root = fs.root_dir();
+        let d = match root.open_dir(dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(names),
+            Err(e) => return Err(e).with_context(|| format!("opening ESP directory {dir}")),
+        };
+        for entry in d.iter() {
+            let entry = entry.with_context(|| format!("listing ESP directory {dir}"))?;
+            if entry.is_file() {
+                names.push(entry.file_name());
+            }
+        }
+    }
+    fs.unmount().context("closing the ESP")?;
+    names.sort();
+    Ok(names)
+}
+
+/// Write `data` to `path` in an existing ESP, creating parent directories: the bytes go
+/// to `<path>.tmp` first, which is then renamed over `path`. FAT has no atomic replace, so
+/// a crash leaves either the old file, no file, or the complete new one, never a torn one.
+pub fn write_file<F: Read + Write + Seek>(mut partition: F, path: &str, data: &[u8]) -> Result<()> {
+    let tmp = format!("{path}.tmp");
+    let fs = open_fs(&mut partition)?;
+    {
+        let root = fs.root_dir();
+        if let Some((dirs, _)) = path.rsplit_once('/') {
+            let mut prefix = String::new();
+            for part in dirs.split('/') {
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(part);
+                root.create_dir(&prefix)
+                    .with_context(|| format!("creating ESP directory {prefix}"))?;
+            }
+        }
+        remove_if_present(&root, &tmp)?;
+        let mut f = root
+            .create_file(&tmp)
+            .with_context(|| format!("creating ESP file {tmp}"))?;
+        f.truncate()
+            .with_context(|| format!("truncating ESP file {tmp}"))?;
+        f.write_all(data)
+            .with_context(|| format!("writing ESP file {tmp}"))?;
+        f.flush()
+            .with_context(|| format!("writing ESP file {tmp}"))?;
+        drop(f);
+        remove_if_present(&root, path)?;
+        root.rename(&tmp, &root, path)
+            .with_context(|| format!("renaming ESP file {tmp} to {path}"))?;
+    }
+    fs.unmount().context("closing the ESP")?;
+    Ok(())
+}
+
+/// Remove `path` from an existing ESP; returns whether it existed.
+pub fn remove_file<F: Read + Write + Seek>(mut partition: F, path: &str) -> Result<bool> {
+    let fs = open_fs(&mut partition)?;
+    let existed = remove_if_present(&fs.root_dir(), path)?;
+    fs.unmount().context("closing the ESP")?;
+    Ok(existed)
+}
+
+/// Rename `from` to `to` in an existing ESP, replacing `to` if it exists.
+pub fn rename<F: Read + Write + Seek>(mut partition: F, from: &str, to: &str) -> Result<()> {
+    let fs = open_fs(&mut partition)?;
+    {
+        let root = fs.root_dir();
+        if from != to {
+            remove_if_present(&root, to)?;
+        }
+        root.rename(from, &root, to)
+            .with_context(|| format!("renaming ESP file {from} to {to}"))?;
+    }
+    fs.unmount().context("closing the ESP")?;
+    Ok(())
+}
+
+fn remove_if_present<T: fatfs::ReadWriteSeek>(
+    root: &fatfs::Dir<'_, T>,
+    path: &str,
+) -> Result<bool> {
+    match root.remove(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("removing ESP file {path}")),
+    }
+}
+
 /// FAT volume labels are 11 bytes, space padded; we keep them to upper-case ASCII.
 fn volume_label(label: &str) -> Result<[u8; 11]> {
     if label.is_empty()

@@ -30,8 +30,12 @@ pub const SECTOR_SIZE: u64 = 512;
 
 /// One of the two root slots.
 ///
-/// `!slot` is the other slot, so the inactive slot is always `!active`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// `!slot` is the other slot, so the inactive slot is always `!active`. Serialised as its
+/// letter (`"a"` / `"b"`), e.g. in the updater's state file.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Slot {
     A,
     B,

@@ -1,0 +1,385 @@
+//! Resumable downloads of channel targets into the state directory.
+//!
+//! This module owns fetching one target file (`targets/<sha256>.<name>`, TUF consistent
+//! snapshot naming) with HTTP Range requests into `<dir>/<sha256>.<name>.partial`, a
+//! progress journal next to it, and the final check of length and sha256 against the
+//! values the verified TUF metadata signs. Only a file that passed that check is renamed
+//! to its final name and handed out. It must never trust a byte it has not hashed, never
+//! write outside its download directory, and never decide which target to fetch.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::failpoint;
+use crate::slots::hash_reader;
+
+/// A target to fetch, with the length and sha256 the signed metadata gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub name: String,
+    pub length: u64,
+    pub sha256: String,
+}
+
+/// Why a download failed. The file is never handed out in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{url}: HTTP status {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: the server ignored the Range request (answered {status} instead of 206 Partial Content); refusing to mix its body with the {have} bytes already downloaded")]
+    RangeIgnored { url: String, status: u16, have: u64 },
+    #[error("{url}: Content-Range {got:?} does not start at byte {want}")]
+    BadContentRange { url: String, got: String, want: u64 },
+    #[error("{name}: the server sent more than the {length} signed bytes")]
+    TooLong { name: String, length: u64 },
+    #[error("{name}: download ended after {got} of {length} bytes")]
+    Truncated { name: String, got: u64, length: u64 },
+    #[error("{name}: sha256 {got} does not match the signed {want}")]
+    Mismatch {
+        name: String,
+        got: String,
+        want: String,
+    },
+    #[error("{url}: {detail}")]
+    Transport { url: String, detail: String },
+    #[error(transparent)]
+    Local(#[from] anyhow::Error),
+}
+
+/// The progress journal: how many bytes of the partial file are known to be on disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Journal {
+    name: String,
+    sha256: String,
+    length: u64,
+    synced: u64,
+}
+
+/// Where progress goes (bytes of this target so far, its length).
+pub type ProgressFn<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Fetches targets of one channel.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    /// The channel's targets base (`<channel>/targets/`), ending in `/`; or a local
+    /// directory path.
+    base: String,
+    client: Option<reqwest::blocking::Client>,
+    /// Bytes between two journal syncs.
+    pub sync_every: u64,
+}
+
+/// Bytes read from the network per write.
+const BUF: usize = 64 << 10;
+
+impl Fetcher {
+    /// A fetcher for the channel at `channel_url` (the channel directory, as in the config).
+    pub fn new(channel_url: &str) -> anyhow::Result<Fetcher> {
+        let mut base = channel_url.trim_end_matches('/').to_string();
+        base.push_str("/targets/");
+        let client = if base.starts_with("http://") || base.starts_with("https://") {
+            Some(
+                reqwest::blocking::Client::builder()
+                    .connect_timeout(std::time::Duration::from_secs(30))
+                    .timeout(None)
+                    .build()
+                    .context("creating the HTTP client")?,
+            )
+        } else {
+            None
+        };
+        Ok(Fetcher {
+            base: base
+                .strip_prefix("file://")
+                .map(str::to_string)
+                .unwrap_or(base),
+            client,
+            sync_every: 1 << 20,
+        })
+    }
+
+    /// The verified file for `t` in `dir`, downloading (or resuming) it if needed.
+    pub fn fetch(
+        &self,
+        t: &Expected,
+        dir: &Path,
+        progress: ProgressFn<'_>,
+    ) -> Result<(PathBuf, u64), FetchError> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file_name = format!("{}.{}", t.sha256, t.name);
+        let done = dir.join(&file_name);
+        if done.exists() {
+            progress(t.length, t.length);
+            return Ok((done, 0));
+        }
+        let partial = dir.join(format!("{file_name}.partial"));
+        let journal_path = dir.join(format!("{file_name}.journal"));
+        let mut have = read_journal(&journal_path, t);
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&partial)
+            .with_context(|| format!("opening {}", partial.display()))?;
+        // Bytes past the journal may not have reached the disk before a crash.
+        let len = f
+            .metadata()
+            .with_context(|| format!("reading {}", partial.display()))?
+            .len();
+        have = have.min(len);
+        f.set_len(have)
+            .with_context(|| format!("truncating {}", partial.display()))?;
+        f.seek(SeekFrom::Start(have))
+            .with_context(|| format!("seeking {}", partial.display()))?;
+        let url = format!("{}{}", self.base, file_name);
+        let mut fetched = 0u64;
+        if have < t.length {
+            let mut body = self.open(&url, have)?;
+            let mut buf = vec![0u8; BUF];
+            let mut since_sync = 0u64;
+            loop {
+                let n = body.read(&mut buf).map_err(|e| FetchError::Transport {
+                    url: url.clone(),
+                    detail: e.to_string(),
+                })?;
+                if n == 0 {
+                    break;
+                }
+                if have + n as u64 > t.length {
+                    drop(f);
+                    discard(&partial, &journal_path);
+                    return Err(FetchError::TooLong {
+                        name: t.name.clone(),
+                        length: t.length,
+                    });
+                }
+                f.write_all(&buf[..n])
+                    .with_context(|| format!("writing {}", partial.display()))?;
+                failpoint::hit("fetch.write");
+                have += n as u64;
+                fetched += n as u64;
+                since_sync += n as u64;
+                if since_sync >= self.sync_every {
+                    sync_journal(&f, &journal_path, t, have)?;
+                    since_sync = 0;
+                }
+                progress(have, t.length);
+            }
+            sync_journal(&f, &journal_path, t, have)?;
+        }
+        if have != t.length {
+            return Err(FetchError::Truncated {
+                name: t.name.clone(),
+                got: have,
+                length: t.length,
+            });
+        }
+        f.seek(SeekFrom::Start(0))
+            .with_context(|| format!("seeking {}", partial.display()))?;
+        let got = hash_reader(&mut f).with_context(|| format!("hashing {}", partial.display()))?;
+        drop(f);
+        if got != t.sha256 {
+            discard(&partial, &journal_path);
+            return Err(FetchError::Mismatch {
+                name: t.name.clone(),
+                got,
+                want: t.sha256.clone(),
+            });
+        }
+        fs::rename(&partial, &done)
+            .with_context(|| format!("renaming {} to {}", partial.display(), done.display()))?;
+        crate::state::sync_dir(dir)?;
+        let _ = fs::remove_file(&journal_path);
+        Ok((done, fetched))
+    }
+
+    /// A reader of `url` from byte `from` on.
+    fn open(&self, url: &str, from: u64) -> Result<Box<dyn Read>, FetchError> {
+        let Some(client) = &self.client else {
+            let mut f = File::open(url).with_context(|| format!("opening {url}"))?;
+            f.seek(SeekFrom::Start(from))
+                .with_context(|| format!("seeking {url}"))?;
+            return Ok(Box::new(f));
+        };
+        let mut req = client.get(url);
+        if from > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        }
+        let resp = req.send().map_err(|e| FetchError::Transport {
+            url: url.to_string(),
+            detail: format!("{e:#}"),
+        })?;
+        let status = resp.status().as_u16();
+        if from > 0 {
+            if status != 206 {
+                if resp.status().is_success() {
+                    return Err(FetchError::RangeIgnored {
+                        url: url.to_string(),
+                        status,
+                        have: from,
+                    });
+                }
+                return Err(FetchError::Status {
+                    url: url.to_string(),
+                    status,
+                });
+            }
+            let cr = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let start = cr
+                .strip_prefix("bytes ")
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(s, _)| s.parse::<u64>().ok());
+            if start != Some(from) {
+                return Err(FetchError::BadContentRange {
+                    url: url.to_string(),
+                    got: cr,
+                    want: from,
+                });
+            }
+        } else if status != 200 {
+            return Err(FetchError::Status {
+                url: url.to_string(),
+                status,
+            });
+        }
+        Ok(Box::new(resp))
+    }
+}
+
+fn read_journal(path: &Path, t: &Expected) -> u64 {
+    fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Journal>(&b).ok())
+        .filter(|j| j.name == t.name && j.sha256 == t.sha256 && j.length == t.length)
+        .map_or(0, |j| j.synced)
+}
+
+fn sync_journal(f: &File, path: &Path, t: &Expected, synced: u64) -> anyhow::Result<()> {
+    f.sync_data().context("syncing a partial download")?;
+    let j = Journal {
+        name: t.name.clone(),
+        sha256: t.sha256.clone(),
+        length: t.length,
+        synced,
+    };
+    let bytes = serde_json::to_vec(&j).context("serialising the download journal")?;
+    crate::state::write_atomic(path, &bytes)
+}
+
+fn discard(partial: &Path, journal: &Path) {
+    let _ = fs::remove_file(partial);
+    let _ = fs::remove_file(journal);
+}
+
+/// Remove finished and partial downloads in `dir` except those named in `keep`
+/// (`<sha256>.<name>` prefixes).
+pub fn prune(dir: &Path, keep: &[String]) -> anyhow::Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !keep.iter().any(|k| name.starts_with(k.as_str())) && e.path().is_file() {
+            fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn setup(data: &[u8]) -> (tempfile::TempDir, Fetcher, Expected) {
+        let tmp = tempfile::tempdir().unwrap();
+        let sha = hex::encode(Sha256::digest(data));
+        fs::create_dir_all(tmp.path().join("channel/targets")).unwrap();
+        fs::write(
+            tmp.path().join(format!("channel/targets/{sha}.t.bin")),
+            data,
+        )
+        .unwrap();
+        let url = format!("file://{}", tmp.path().join("channel").display());
+        let t = Expected {
+            name: "t.bin".into(),
+            length: data.len() as u64,
+            sha256: sha,
+        };
+        (tmp, Fetcher::new(&url).unwrap(), t)
+    }
+
+    #[test]
+    fn local_fetch_verifies_and_resumes_from_the_journal() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (tmp, f, t) = setup(&data);
+        let dl = tmp.path().join("dl");
+        fs::create_dir_all(&dl).unwrap();
+        // A crash left 100 000 bytes synced and 50 000 more that may be torn.
+        let partial = dl.join(format!("{}.t.bin.partial", t.sha256));
+        let mut torn = data[..150_000].to_vec();
+        torn[120_000] ^= 1;
+        fs::write(&partial, &torn).unwrap();
+        let journal = Journal {
+            name: t.name.clone(),
+            sha256: t.sha256.clone(),
+            length: t.length,
+            synced: 100_000,
+        };
+        fs::write(
+            dl.join(format!("{}.t.bin.journal", t.sha256)),
+            serde_json::to_vec(&journal).unwrap(),
+        )
+        .unwrap();
+        let mut seen = 0;
+        let (path, fetched) = f.fetch(&t, &dl, &mut |d, _| seen = d).unwrap();
+        assert_eq!(fetched, 200_000, "only the bytes after the synced ones");
+        assert_eq!(seen, 300_000);
+        assert_eq!(fs::read(&path).unwrap(), data);
+        assert!(!partial.exists());
+        // Already there: nothing fetched.
+        assert_eq!(f.fetch(&t, &dl, &mut |_, _| {}).unwrap().1, 0);
+    }
+
+    #[test]
+    fn wrong_length_or_hash_is_never_handed_out() {
+        let data = vec![5u8; 10_000];
+        let (tmp, f, mut t) = setup(&data);
+        let dl = tmp.path().join("dl");
+        let good = t.clone();
+        t.length = 9_000;
+        assert!(matches!(
+            f.fetch(&t, &dl, &mut |_, _| {}),
+            Err(FetchError::TooLong { .. })
+        ));
+        t.length = 11_000;
+        assert!(matches!(
+            f.fetch(&t, &dl, &mut |_, _| {}),
+            Err(FetchError::Truncated { .. })
+        ));
+        // Same name and length, different content: the signed hash decides.
+        fs::write(
+            tmp.path()
+                .join(format!("channel/targets/{}.t.bin", good.sha256)),
+            vec![6u8; 10_000],
+        )
+        .unwrap();
+        let err = f.fetch(&good, &dl, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, FetchError::Mismatch { .. }), "{err}");
+        assert!(!dl.join(format!("{}.t.bin", good.sha256)).exists());
+        assert!(!dl.join(format!("{}.t.bin.partial", good.sha256)).exists());
+    }
+}
