@@ -3,6 +3,8 @@
 //! k8s tier: needs the binaries from `scripts/build-k8s`; these tests fail, not skip,
 //! without them.
 
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
 use std::sync::Arc;
 use std::time::Duration;
 
