@@ -1833,6 +1833,63 @@ remove = true
     }
 
     #[test]
+    fn shipped_k8s_recipes_pin_what_issue_8_says() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        let node = Recipe::load(&dir.join("k8s-node.toml")).unwrap();
+        let pins: BTreeMap<&str, (&str, &str)> = node
+            .artifacts
+            .iter()
+            .map(|a| (a.name.as_str(), (a.url.as_str(), a.sha256.as_str())))
+            .collect();
+        assert_eq!(
+            pins["kubelet"],
+            (
+                "https://dl.k8s.io/release/v1.34.4/bin/linux/amd64/kubelet",
+                "03b8fea715a7ef82eeaf518dee34c72670c57cc7bc40dc1320c04fbf4f15172f"
+            )
+        );
+        assert_eq!(
+            pins["kubeadm"].1,
+            "b967f1fa0e36621c402d38bb560eb4a943954d5cf5a00e5150842f6f5da73455"
+        );
+        assert_eq!(
+            pins["kubectl"].1,
+            "d50c359d95e0841eaad08ddc27c7be37cba8fdccfba5c8e2ded65e121ff112db"
+        );
+        assert_eq!(
+            pins["crictl"].1,
+            "a8ff2a3edb37a98daf3aba7c3b284fe0aa5bff24166d896ab9ef64c8913c9f51"
+        );
+        assert_eq!(
+            pins["cni-plugins"].1,
+            "ab3bda535f9d90766cccc90d3dddb5482003dd744d7f22bcf98186bf8eea8be6"
+        );
+        for p in ["containerd", "runc", "containernetworking-plugins"] {
+            assert!(node.base.packages.contains(&p.to_string()), "{p}");
+        }
+        let config = node
+            .files
+            .iter()
+            .find(|f| f.path == "/etc/containerd/config.toml")
+            .unwrap();
+        assert!(
+            matches!(&config.content, FileContent::Inline(c) if c.contains("restrict_oom_score_adj = true"))
+        );
+
+        let local = Recipe::load(&dir.join("k8s-node-local.toml")).unwrap();
+        assert_eq!(local.includes, vec![dir.join("k8s-node.toml")]);
+        let names: Vec<&str> = local.artifacts.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["kubelet", "kubeadm", "kubectl"]);
+        assert!(local.artifacts.iter().all(|a| a.url.contains("/v1.20.2/")));
+        assert_eq!(
+            local.downloads.mirror,
+            Some(PathBuf::from("/var/cache/imgbuild/k8s/bin"))
+        );
+        assert_eq!(local.systemd, node.systemd, "units are inherited");
+        assert_eq!(local.disk, node.disk);
+    }
+
+    #[test]
     fn shipped_recipes_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
         let mut n = 0;
