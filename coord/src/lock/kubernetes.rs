@@ -218,14 +218,14 @@ impl RebootLock for LeaseLock {
 
     async fn renew(&self) -> Result<(), LockError> {
         let id = self.config.node.id.clone();
-        let now_live = self
+        let held = self
             .update_own(|lease, now| {
                 // A renewal after expiry is still ours only if nobody took the slot,
                 // which the resourceVersion check guarantees.
                 lease.spec.renew_time = Some(micro_time(now));
             })
             .await?;
-        if now_live {
+        if held {
             Ok(())
         } else {
             Err(LockError::Refused(format!("{id} holds no slot to renew")))
