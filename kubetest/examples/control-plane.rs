@@ -1,6 +1,6 @@
 //! Run a test control plane by hand: `cargo run -p imgkubetest --example control-plane --
 //! [--controllers] [--guest-kubeconfig FILE]`. Prints the server and the kubeconfig path,
-//! and stops (removing everything) when its standard input closes.
+//! and stops (removing everything) when its standard input closes or on SIGINT/SIGTERM.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -29,10 +29,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         cp.write_kubeconfig_for(&format!("https://10.0.2.2:{}", cp.port), &path)?;
         println!("guest kubeconfig {}", path.display());
     }
-    tokio::task::spawn_blocking(|| {
+    let stdin_closed = tokio::task::spawn_blocking(|| {
         let mut sink = Vec::new();
         let _ = std::io::stdin().read_to_end(&mut sink);
-    })
-    .await?;
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Every way out drops `cp`, which stops the processes and removes the directory.
+    tokio::select! {
+        _ = stdin_closed => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    drop(cp);
     Ok(())
 }
