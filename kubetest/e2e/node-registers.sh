@@ -21,8 +21,9 @@ KUBECTL=${IMGBUILD_K8S_CACHE:-/var/cache/imgbuild/k8s}/bin/kubectl
 W=$(mktemp -d)
 CP=; VM=
 cleanup() {
-  [ -n "$VM" ] && kill "$VM" 2>/dev/null && wait "$VM" 2>/dev/null
-  [ -n "$CP" ] && kill "$CP" 2>/dev/null && wait "$CP" 2>/dev/null
+  set +e
+  if [ -n "$VM" ]; then kill "$VM"; wait "$VM"; fi 2>/dev/null
+  if [ -n "$CP" ]; then kill "$CP"; wait "$CP"; fi 2>/dev/null
   rm -rf "$W"
 }
 trap cleanup EXIT

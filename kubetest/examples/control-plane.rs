@@ -41,5 +41,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ = term.recv() => {}
     }
     drop(cp);
-    Ok(())
+    // The thread blocked on stdin would keep the runtime (and the process) alive.
+    std::process::exit(0)
 }
