@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::artifacts::FetchOptions;
 use crate::compose::{self, ComposeOptions, Composed};
 use crate::disk::{self, DiskContents, DiskLayout, DiskSizes};
 use crate::filesystem::{self, Ext4Spec};
@@ -43,6 +44,13 @@ pub struct BuildArgs {
     /// Timestamp for every file and filesystem (seconds since 1970); overrides the recipe.
     #[arg(long, env = "SOURCE_DATE_EPOCH")]
     pub source_date_epoch: Option<i64>,
+    /// Directory holding pinned artifacts by file name (air-gapped builds); overrides the
+    /// recipe's `downloads.mirror`.
+    #[arg(long, value_name = "DIR")]
+    pub mirror: Option<PathBuf>,
+    /// Cache of downloaded artifacts, one file per sha256.
+    #[arg(long, env = "IMGBUILD_ARTIFACT_CACHE", default_value = crate::artifacts::DEFAULT_ARTIFACT_CACHE)]
+    pub artifact_cache: PathBuf,
     /// Keep the work directory (root tree, intermediate images) for inspection.
     #[arg(long)]
     pub keep_work: bool,
@@ -167,6 +175,10 @@ fn run_steps(
         &work.join("root"),
         &ComposeOptions {
             cache_dir: args.cache_dir.clone(),
+            artifacts: FetchOptions {
+                cache_dir: args.artifact_cache.clone(),
+                mirror: args.mirror.clone(),
+            },
             epoch,
             log: log.to_path_buf(),
         },
@@ -556,6 +568,8 @@ mod tests {
                 output: out.clone(),
                 cache_dir: dir.path().join("cache"),
                 source_date_epoch: None,
+                mirror: None,
+                artifact_cache: dir.path().join("artifacts"),
                 keep_work: false,
                 key: None,
             },

@@ -15,6 +15,7 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::artifacts::{self, FetchOptions};
 use crate::progress::{run_capture, run_logged, Step};
 use crate::recipe::{FileContent, InitrdMode, Recipe};
 
@@ -38,6 +39,8 @@ pub struct Composed {
 #[derive(Debug, Clone)]
 pub struct ComposeOptions {
     pub cache_dir: PathBuf,
+    /// Where pinned artifacts come from (cache, `--mirror`).
+    pub artifacts: FetchOptions,
     pub epoch: i64,
     pub log: PathBuf,
 }
@@ -64,6 +67,9 @@ pub fn compose(
     fs::create_dir_all(&opts.cache_dir)
         .with_context(|| format!("creating package cache {}", opts.cache_dir.display()))?;
     let _lock = CacheLock::take(&opts.cache_dir)?;
+
+    // Pinned artifacts first: a wrong digest stops the build before mmdebstrap runs.
+    let fetched = artifacts::fetch_all(recipe, &opts.artifacts, &|m| step.message(m))?;
 
     let early = root.with_extension("early");
     if early.exists() {
@@ -103,6 +109,8 @@ pub fn compose(
 
     step.message("configuring the image");
     configure(recipe, root, &opts.log)?;
+    artifacts::install(root, &fetched)
+        .with_context(|| format!("installing artifacts of {}", recipe.path.display()))?;
     let composed = find_kernel(root)?;
     Ok(composed)
 }

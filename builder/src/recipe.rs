@@ -8,6 +8,7 @@
 //! Errors name the file and the line and column, or the field and why. The format is
 //! documented field by field in `docs/recipe.md`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::ops::Range;
@@ -64,6 +65,15 @@ pub enum RecipeError {
         column: usize,
         message: String,
     },
+    /// An error in a recipe merged from `include`: positions would point into the merged
+    /// document, so only the field is named.
+    #[error("{path} (including {included}): {field}: {message}")]
+    Merged {
+        path: PathBuf,
+        included: PathBuf,
+        field: String,
+        message: String,
+    },
     /// A field that parsed but is not acceptable.
     #[error("{path}:{line}:{column}: {field}: {message}")]
     Invalid {
@@ -79,7 +89,7 @@ impl RecipeError {
     /// Field path (e.g. `image.version`) for validation errors.
     pub fn field(&self) -> Option<&str> {
         match self {
-            RecipeError::Invalid { field, .. } => Some(field),
+            RecipeError::Invalid { field, .. } | RecipeError::Merged { field, .. } => Some(field),
             _ => None,
         }
     }
@@ -90,7 +100,7 @@ impl RecipeError {
             RecipeError::Parse { line, column, .. } | RecipeError::Invalid { line, column, .. } => {
                 Some((*line, *column))
             }
-            RecipeError::Read { .. } => None,
+            RecipeError::Read { .. } | RecipeError::Merged { .. } => None,
         }
     }
 }
@@ -101,6 +111,9 @@ impl RecipeError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRecipe {
+    /// Consumed by [`merge_include`] before this model is deserialised.
+    #[serde(default)]
+    include: Option<Spanned<String>>,
     image: RawImage,
     #[serde(default)]
     base: RawBase,
@@ -114,6 +127,33 @@ struct RawRecipe {
     disk: RawDisk,
     #[serde(default)]
     output: RawOutput,
+    #[serde(default)]
+    artifacts: Vec<RawArtifact>,
+    #[serde(default)]
+    downloads: RawDownloads,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArtifact {
+    name: Spanned<String>,
+    url: Spanned<String>,
+    sha256: Spanned<String>,
+    #[serde(default)]
+    dest: Option<Spanned<String>>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    extract: Option<Spanned<String>>,
+    #[serde(default)]
+    members: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDownloads {
+    #[serde(default)]
+    mirror: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +259,60 @@ pub struct Recipe {
     pub systemd: Systemd,
     pub disk: DiskConfig,
     pub formats: Vec<Format>,
+    /// Pinned files fetched by URL or from a mirror directory, checked by sha256.
+    pub artifacts: Vec<PinnedArtifact>,
+    /// Where pinned artifacts may come from besides their URLs.
+    pub downloads: Downloads,
+    /// Recipes this one includes (`include`), outermost last; empty without `include`.
+    pub includes: Vec<PathBuf>,
+}
+
+/// A file pinned by URL and sha256 (`[[artifacts]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedArtifact {
+    /// Identifier, unique in the recipe (also the key an including recipe overrides).
+    pub name: String,
+    /// `http(s)://` or `file:/` URL; its last path segment is the file name looked up in
+    /// a mirror directory.
+    pub url: String,
+    /// Lower-case hex sha256 of the file at `url`.
+    pub sha256: String,
+    pub install: ArtifactInstall,
+    pub mode: u32,
+}
+
+impl PinnedArtifact {
+    /// The file name in a mirror directory: the URL's last path segment.
+    pub fn file_name(&self) -> &str {
+        url_file_name(&self.url).unwrap_or(&self.name)
+    }
+}
+
+/// How an artifact goes into the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArtifactInstall {
+    /// The file itself, at this image path.
+    File { dest: String },
+    /// A `.tar.gz`: these members (archive path -> image path), nothing else.
+    TarGz { members: BTreeMap<String, String> },
+}
+
+impl ArtifactInstall {
+    /// Image paths this artifact writes.
+    pub fn dests(&self) -> Vec<&str> {
+        match self {
+            ArtifactInstall::File { dest } => vec![dest.as_str()],
+            ArtifactInstall::TarGz { members } => members.values().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// `[downloads]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Downloads {
+    /// Directory holding artifacts by file name (air-gapped builds); resolved against
+    /// the recipe's directory. `--mirror` overrides it.
+    pub mirror: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -340,28 +434,15 @@ pub const DEFAULT_VAR_SIZE: u64 = 512 * MIB;
 pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200";
 
 impl Recipe {
-    /// Read and validate a recipe file.
+    /// Read and validate a recipe file (and the recipes it includes).
     pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
-        let text = fs::read_to_string(path).map_err(|source| RecipeError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Recipe::parse(path, &text)
+        load_at(path, 0)
     }
 
-    /// Validate recipe text; `path` names the file in errors and anchors `source` files.
+    /// Validate recipe text; `path` names the file in errors and anchors `source` files
+    /// and `include`.
     pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
-        let raw: RawRecipe = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            RecipeError::Parse {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message: e.message().to_string(),
-            }
-        })?;
-        let v = Validator { path, text };
-        v.recipe(raw)
+        parse_at(path, text, 0)
     }
 
     /// Output file stem: `NAME-VERSION`.
@@ -388,6 +469,201 @@ fn line_col(text: &str, pos: usize) -> (usize, usize) {
         .map(|nl| before[nl + 1..].chars().count() + 1)
         .unwrap_or_else(|| before.chars().count() + 1);
     (line, column)
+}
+
+/// How deep `include` may nest (a recipe including one that includes another ...).
+pub const MAX_INCLUDE_DEPTH: usize = 4;
+
+fn load_at(path: &Path, depth: usize) -> Result<Recipe, RecipeError> {
+    let text = fs::read_to_string(path).map_err(|source| RecipeError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_at(path, &text, depth)
+}
+
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> RecipeError {
+    let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+    RecipeError::Parse {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message: e.message().to_string(),
+    }
+}
+
+fn parse_at(path: &Path, text: &str, depth: usize) -> Result<Recipe, RecipeError> {
+    let (effective, includes) = resolve_includes(path, text, depth)?;
+    let Some(included) = includes.first() else {
+        let raw: RawRecipe = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+        return Validator { path, text }.recipe(raw, includes);
+    };
+    // The included recipes were validated on their own (with exact positions); what is
+    // wrong now comes from this file's overrides, named by field.
+    let merged = |field: String, message: String| RecipeError::Merged {
+        path: path.to_path_buf(),
+        included: included.clone(),
+        field,
+        message,
+    };
+    let raw: RawRecipe = toml::from_str(&effective)
+        .map_err(|e| merged("(merged recipe)".into(), e.message().to_string()))?;
+    Validator {
+        path,
+        text: &effective,
+    }
+    .recipe(raw, includes.clone())
+    .map_err(|e| match e {
+        RecipeError::Invalid { field, message, .. } => merged(field, message),
+        other => other,
+    })
+}
+
+#[derive(Deserialize)]
+struct IncludeOnly {
+    #[serde(default)]
+    include: Option<Spanned<String>>,
+}
+
+/// The recipe text with its `include` chain merged in (the text itself when it has no
+/// `include`), and the included files, nearest first.
+///
+/// Merge rules: the included recipe is the base; tables merge key by key; `[[files]]`
+/// entries with the same `path` and `[[artifacts]]` entries with the same `name`
+/// replace the included ones, and such an entry with `remove = true` (and nothing but
+/// its key) deletes it; every other value replaces the included one.
+fn resolve_includes(
+    path: &Path,
+    text: &str,
+    depth: usize,
+) -> Result<(String, Vec<PathBuf>), RecipeError> {
+    let inc: IncludeOnly = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+    let Some(name) = inc.include else {
+        return Ok((text.to_string(), Vec::new()));
+    };
+    let v = Validator { path, text };
+    let file = v.check(
+        &name,
+        "include",
+        |s| {
+            s.ends_with(".toml")
+                && s.len() > 5
+                && !s.starts_with('.')
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        },
+        "must be the file name of a recipe in the same directory (like \"k8s-node.toml\")",
+    )?;
+    if depth >= MAX_INCLUDE_DEPTH {
+        return Err(v.err(
+            name.span(),
+            "include",
+            format!("includes nest deeper than {MAX_INCLUDE_DEPTH} (a cycle?)"),
+        ));
+    }
+    let inc_path = path.parent().unwrap_or(Path::new(".")).join(&file);
+    if inc_path == path {
+        return Err(v.err(name.span(), "include", "a recipe cannot include itself"));
+    }
+    let inc_text = fs::read_to_string(&inc_path).map_err(|e| {
+        v.err(
+            name.span(),
+            "include",
+            format!("cannot read {}: {e}", inc_path.display()),
+        )
+    })?;
+    // The included recipe must be valid on its own: its errors keep their positions.
+    parse_at(&inc_path, &inc_text, depth + 1)?;
+    let (base_text, mut chain) = resolve_includes(&inc_path, &inc_text, depth + 1)?;
+    let mut base: toml::Table =
+        toml::from_str(&base_text).map_err(|e| parse_error(&inc_path, &base_text, &e))?;
+    let mut overlay: toml::Table = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+    overlay.remove("include");
+    merge_tables(&mut base, overlay, "").map_err(|(field, message)| RecipeError::Merged {
+        path: path.to_path_buf(),
+        included: inc_path.clone(),
+        field,
+        message,
+    })?;
+    let merged = toml::to_string(&base).map_err(|e| RecipeError::Merged {
+        path: path.to_path_buf(),
+        included: inc_path.clone(),
+        field: "(merged recipe)".into(),
+        message: e.to_string(),
+    })?;
+    chain.insert(0, inc_path);
+    Ok((merged, chain))
+}
+
+fn merge_tables(
+    base: &mut toml::Table,
+    overlay: toml::Table,
+    prefix: &str,
+) -> Result<(), (String, String)> {
+    for (key, value) in overlay {
+        let field = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let id = match field.as_str() {
+            "files" => Some("path"),
+            "artifacts" => Some("name"),
+            _ => None,
+        };
+        match (base.get_mut(&key), value, id) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o), _) => merge_tables(b, o, &field)?,
+            (Some(toml::Value::Array(b)), toml::Value::Array(o), Some(id)) => {
+                merge_keyed(b, o, &field, id)?
+            }
+            (_, value, _) => {
+                base.insert(key, value);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn merge_keyed(
+    base: &mut Vec<toml::Value>,
+    overlay: Vec<toml::Value>,
+    field: &str,
+    id: &str,
+) -> Result<(), (String, String)> {
+    for (i, entry) in overlay.into_iter().enumerate() {
+        let here = format!("{field}[{i}]");
+        let Some(key) = entry.get(id).and_then(|k| k.as_str()).map(String::from) else {
+            return Err((here, format!("needs `{id}` to match or add an entry")));
+        };
+        let pos = base
+            .iter()
+            .position(|b| b.get(id).and_then(|k| k.as_str()) == Some(key.as_str()));
+        match entry.get("remove") {
+            None => match pos {
+                Some(p) => base[p] = entry,
+                None => base.push(entry),
+            },
+            Some(toml::Value::Boolean(true)) => {
+                let only_key = entry.as_table().is_some_and(|t| t.len() == 2);
+                if !only_key {
+                    return Err((here, format!("`remove = true` takes only `{id}`")));
+                }
+                match pos {
+                    Some(p) => {
+                        base.remove(p);
+                    }
+                    None => {
+                        return Err((
+                            format!("{here}.{id}"),
+                            format!("{key:?} is not in the included recipe; nothing to remove"),
+                        ))
+                    }
+                }
+            }
+            Some(_) => return Err((format!("{here}.remove"), "must be `true`".into())),
+        }
+    }
+    Ok(())
 }
 
 struct Validator<'a> {
@@ -425,7 +701,9 @@ impl Validator<'_> {
         }
     }
 
-    fn recipe(&self, raw: RawRecipe) -> Result<Recipe, RecipeError> {
+    fn recipe(&self, raw: RawRecipe, includes: Vec<PathBuf>) -> Result<Recipe, RecipeError> {
+        // `include` was resolved before this model was read.
+        let _ = raw.include;
         let image = self.image(raw.image)?;
         let base = self.base(raw.base)?;
         let kernel = self.kernel(raw.kernel)?;
@@ -433,6 +711,8 @@ impl Validator<'_> {
         let systemd = self.systemd(raw.systemd)?;
         let disk = self.disk(raw.disk)?;
         let formats = self.formats(raw.output)?;
+        let artifacts = self.artifacts(raw.artifacts, &files)?;
+        let downloads = self.downloads(raw.downloads)?;
         let mut hasher = Sha256::new();
         hasher.update(self.text.as_bytes());
         for d in extra_digest {
@@ -448,6 +728,9 @@ impl Validator<'_> {
             systemd,
             disk,
             formats,
+            artifacts,
+            downloads,
+            includes,
         })
     }
 
@@ -787,6 +1070,175 @@ impl Validator<'_> {
         })
     }
 
+    fn mode(
+        &self,
+        raw: &Option<Spanned<String>>,
+        field: &str,
+        default: u32,
+    ) -> Result<u32, RecipeError> {
+        let Some(m) = raw else { return Ok(default) };
+        let s = m.get_ref();
+        match u32::from_str_radix(s, 8) {
+            Ok(v) if v <= 0o7777 && !s.is_empty() => Ok(v),
+            _ => Err(self.err(
+                m.span(),
+                field,
+                format!("{s:?} is not an octal file mode like \"0755\""),
+            )),
+        }
+    }
+
+    fn artifacts(
+        &self,
+        raw: Vec<RawArtifact>,
+        files: &[FileEntry],
+    ) -> Result<Vec<PinnedArtifact>, RecipeError> {
+        let mut out: Vec<PinnedArtifact> = Vec::new();
+        for (i, a) in raw.into_iter().enumerate() {
+            let field = format!("artifacts[{i}]");
+            let name = self.check(
+                &a.name,
+                &format!("{field}.name"),
+                is_image_name,
+                "use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit",
+            )?;
+            if out.iter().any(|o| o.name == name) {
+                return Err(self.err(
+                    a.name.span(),
+                    &format!("{field}.name"),
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+            let url = self.check(
+                &a.url,
+                &format!("{field}.url"),
+                |u| is_url(u) && url_file_name(u).is_some(),
+                "expected an http(s):// or file:/ URL ending in a file name",
+            )?;
+            let sha256 = self.check(
+                &a.sha256,
+                &format!("{field}.sha256"),
+                |h| {
+                    h.len() == 64
+                        && h.bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                },
+                "expected 64 lower-case hex digits",
+            )?;
+            let install = match (&a.extract, &a.dest, &a.members) {
+                (None, Some(dest), None) => ArtifactInstall::File {
+                    dest: self.check(
+                        dest,
+                        &format!("{field}.dest"),
+                        is_image_path,
+                        "must be an absolute, normalised path below /",
+                    )?,
+                },
+                (None, None, _) => {
+                    return Err(self.err(
+                        a.name.span(),
+                        &format!("{field}.dest"),
+                        "is required (the path in the image), or use extract + members",
+                    ))
+                }
+                (None, Some(_), Some(m)) => {
+                    return Err(self.err(
+                        m.span(),
+                        &format!("{field}.members"),
+                        "only with extract = \"tar.gz\"",
+                    ))
+                }
+                (Some(x), dest, members) => {
+                    if x.get_ref() != "tar.gz" {
+                        return Err(self.err(
+                            x.span(),
+                            &format!("{field}.extract"),
+                            format!("{:?} is not supported: only \"tar.gz\"", x.get_ref()),
+                        ));
+                    }
+                    if let Some(d) = dest {
+                        return Err(self.err(
+                            d.span(),
+                            &format!("{field}.dest"),
+                            "an extracted archive installs `members`, not `dest`",
+                        ));
+                    }
+                    let Some(members) = members else {
+                        return Err(self.err(
+                            x.span(),
+                            &format!("{field}.members"),
+                            "is required with extract: { \"path/in/archive\" = \"/path/in/image\" }",
+                        ));
+                    };
+                    if members.get_ref().is_empty() {
+                        return Err(self.err(
+                            members.span(),
+                            &format!("{field}.members"),
+                            "is empty",
+                        ));
+                    }
+                    for (member, dest) in members.get_ref() {
+                        if !is_archive_member(member) {
+                            return Err(self.err(
+                                members.span(),
+                                &format!("{field}.members"),
+                                format!(
+                                    "{member:?} is not a relative, normalised path in the archive"
+                                ),
+                            ));
+                        }
+                        if !is_image_path(dest) {
+                            return Err(self.err(
+                                members.span(),
+                                &format!("{field}.members.{member}"),
+                                format!("{dest:?} is not an absolute, normalised path below /"),
+                            ));
+                        }
+                    }
+                    ArtifactInstall::TarGz {
+                        members: members.get_ref().clone(),
+                    }
+                }
+            };
+            for dest in install.dests() {
+                let clash = files.iter().any(|f| f.path == dest)
+                    || out.iter().any(|o| o.install.dests().contains(&dest));
+                if clash {
+                    return Err(self.err(
+                        a.name.span(),
+                        &field,
+                        format!("{dest:?} is also written by another file or artifact"),
+                    ));
+                }
+            }
+            let mode = self.mode(&a.mode, &format!("{field}.mode"), 0o755)?;
+            out.push(PinnedArtifact {
+                name,
+                url,
+                sha256,
+                install,
+                mode,
+            });
+        }
+        Ok(out)
+    }
+
+    fn downloads(&self, raw: RawDownloads) -> Result<Downloads, RecipeError> {
+        let mirror = match &raw.mirror {
+            None => None,
+            Some(m) => {
+                let s = self.check(
+                    m,
+                    "downloads.mirror",
+                    |s| !s.is_empty() && s.len() <= 1024 && !s.chars().any(|c| c.is_control()),
+                    "must be a directory path",
+                )?;
+                Some(self.path.parent().unwrap_or(Path::new(".")).join(s))
+            }
+        };
+        Ok(Downloads { mirror })
+    }
+
     fn formats(&self, raw: RawOutput) -> Result<Vec<Format>, RecipeError> {
         let Some(list) = raw.formats else {
             return Ok(vec![Format::Raw, Format::Qcow2]);
@@ -899,6 +1351,33 @@ fn is_mirror(s: &str) -> bool {
     }
     // `deb [options] URL SUITE COMPONENT...` without options (they could redirect trust).
     is_url(words[1]) && words[2..].iter().all(|w| is_suite(w))
+}
+
+/// The last path segment of a URL (without query or fragment), if it is a plain file name.
+pub fn url_file_name(url: &str) -> Option<&str> {
+    let rest = url
+        .split_once("://")
+        .map(|(_, r)| r)
+        .or_else(|| url.strip_prefix("file:"))?;
+    let path = rest.split(['?', '#']).next()?;
+    let name = path.rsplit('/').next()?;
+    let ok = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-~".contains(&b));
+    ok.then_some(name)
+}
+
+fn is_archive_member(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 1024
+        && !s.starts_with('/')
+        && !s.starts_with('-')
+        && !s.ends_with('/')
+        && !s.chars().any(|c| c.is_control())
+        && s.split('/').all(|part| !part.is_empty() && part != "..")
 }
 
 fn is_image_path(s: &str) -> bool {
@@ -1132,6 +1611,282 @@ formats = ["qcow2"]
         assert_eq!(line_col("abc", 0), (1, 1));
         assert_eq!(line_col("a\nbc", 3), (2, 2));
         assert_eq!(line_col("a\n", 99), (2, 1));
+    }
+
+    const SHA_A: &str = "03b8fea715a7ef82eeaf518dee34c72670c57cc7bc40dc1320c04fbf4f15172f";
+    const SHA_B: &str = "ab3bda535f9d90766cccc90d3dddb5482003dd744d7f22bcf98186bf8eea8be6";
+
+    #[test]
+    fn artifacts_parse_with_defaults_and_archives() {
+        let text = format!(
+            r#"
+[image]
+name = "x"
+version = "1"
+[downloads]
+mirror = "mirror"
+[[artifacts]]
+name = "kubelet"
+url = "https://dl.k8s.io/release/v1.34.4/bin/linux/amd64/kubelet"
+sha256 = "{SHA_A}"
+dest = "/usr/bin/kubelet"
+[[artifacts]]
+name = "cni-plugins"
+url = "https://example.org/cni-plugins-linux-amd64-v1.8.0.tgz?x=1"
+sha256 = "{SHA_B}"
+extract = "tar.gz"
+members = {{ "./bridge" = "/opt/cni/bin/bridge", "loopback" = "/opt/cni/bin/loopback" }}
+mode = "0700"
+"#
+        );
+        let r = Recipe::parse(Path::new("/r/test.toml"), &text).unwrap();
+        assert_eq!(r.artifacts.len(), 2);
+        let k = &r.artifacts[0];
+        assert_eq!(k.mode, 0o755, "binaries default to 0755");
+        assert_eq!(k.file_name(), "kubelet");
+        assert_eq!(
+            k.install,
+            ArtifactInstall::File {
+                dest: "/usr/bin/kubelet".into()
+            }
+        );
+        let c = &r.artifacts[1];
+        assert_eq!(c.file_name(), "cni-plugins-linux-amd64-v1.8.0.tgz");
+        assert_eq!(c.mode, 0o700);
+        assert_eq!(
+            c.install.dests(),
+            ["/opt/cni/bin/bridge", "/opt/cni/bin/loopback"]
+        );
+        assert_eq!(r.downloads.mirror, Some(PathBuf::from("/r/mirror")));
+        assert!(r.includes.is_empty());
+    }
+
+    #[test]
+    fn bad_artifacts_name_the_field() {
+        let head = "[image]\nname = \"x\"\nversion = \"1\"\n[[artifacts]]\nname = \"a\"\n";
+        let cases: Vec<(String, &str)> = vec![
+            (format!("{head}url = \"ftp://x/a\"\nsha256 = \"{SHA_A}\"\ndest = \"/a\"\n"), "artifacts[0].url"),
+            (format!("{head}url = \"https://x/\"\nsha256 = \"{SHA_A}\"\ndest = \"/a\"\n"), "artifacts[0].url"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"ABC\"\ndest = \"/a\"\n"), "artifacts[0].sha256"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{}\"\ndest = \"/a\"\n", SHA_A.to_uppercase()), "artifacts[0].sha256"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{SHA_A}\"\n"), "artifacts[0].dest"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{SHA_A}\"\ndest = \"a\"\n"), "artifacts[0].dest"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{SHA_A}\"\nextract = \"zip\"\n"), "artifacts[0].extract"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{SHA_A}\"\nextract = \"tar.gz\"\n"), "artifacts[0].members"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{SHA_A}\"\nextract = \"tar.gz\"\nmembers = {{ \"../etc/passwd\" = \"/a\" }}\n"), "artifacts[0].members"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{SHA_A}\"\nextract = \"tar.gz\"\nmembers = {{ \"-rf\" = \"/a\" }}\n"), "artifacts[0].members"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{SHA_A}\"\ndest = \"/a\"\nmode = \"9\"\n"), "artifacts[0].mode"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{SHA_A}\"\ndest = \"/a\"\n[[artifacts]]\nname = \"a\"\nurl = \"https://x/b\"\nsha256 = \"{SHA_A}\"\ndest = \"/b\"\n"), "artifacts[1].name"),
+            (format!("{head}url = \"https://x/a\"\nsha256 = \"{SHA_A}\"\ndest = \"/etc/motd\"\n[[files]]\npath = \"/etc/motd\"\ncontent = \"\"\n"), "artifacts[0]"),
+        ];
+        for (text, field) in &cases {
+            let e = invalid(text);
+            assert_eq!(e.field(), Some(*field), "{text}: {e}");
+            assert!(e.position().is_some(), "positions are kept: {e}");
+        }
+    }
+
+    fn write_recipes(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn base_recipe() -> String {
+        format!(
+            r#"[image]
+name = "node"
+version = "1"
+[base]
+packages = ["containerd"]
+[kernel]
+initrd_modules = ["br_netfilter"]
+[[files]]
+path = "/etc/motd"
+content = "base"
+[[files]]
+path = "/etc/issue"
+content = "issue"
+[[artifacts]]
+name = "kubelet"
+url = "https://dl.k8s.io/release/v1.34.4/bin/linux/amd64/kubelet"
+sha256 = "{SHA_A}"
+dest = "/usr/bin/kubelet"
+[[artifacts]]
+name = "crictl"
+url = "https://example.org/crictl.tar.gz"
+sha256 = "{SHA_B}"
+extract = "tar.gz"
+members = {{ crictl = "/usr/bin/crictl" }}
+"#
+        )
+    }
+
+    #[test]
+    fn include_merges_tables_and_replaces_entries_by_key() {
+        let overlay = format!(
+            r#"include = "base.toml"
+[image]
+name = "node-local"
+[downloads]
+mirror = "/var/cache/imgbuild/k8s/bin"
+[[files]]
+path = "/etc/motd"
+content = "local"
+[[artifacts]]
+name = "kubelet"
+url = "https://dl.k8s.io/release/v1.20.2/bin/linux/amd64/kubelet"
+sha256 = "{SHA_B}"
+dest = "/usr/bin/kubelet"
+[[artifacts]]
+name = "crictl"
+remove = true
+"#
+        );
+        let dir = write_recipes(&[("base.toml", &base_recipe()), ("local.toml", &overlay)]);
+        let base = Recipe::load(&dir.path().join("base.toml")).unwrap();
+        let r = Recipe::load(&dir.path().join("local.toml")).unwrap();
+        assert_eq!(r.includes, vec![dir.path().join("base.toml")]);
+        assert_eq!(r.image.name, "node-local", "scalars are replaced");
+        assert_eq!(r.image.version, "1", "untouched keys are inherited");
+        assert!(r.base.packages.contains(&"containerd".to_string()));
+        assert!(r
+            .kernel
+            .initrd_modules
+            .contains(&"br_netfilter".to_string()));
+        assert_eq!(r.files.len(), 2);
+        let motd = r.files.iter().find(|f| f.path == "/etc/motd").unwrap();
+        assert_eq!(motd.content, FileContent::Inline("local".into()));
+        assert_eq!(r.artifacts.len(), 1, "crictl removed");
+        assert_eq!(r.artifacts[0].sha256, SHA_B);
+        assert!(r.artifacts[0].url.contains("v1.20.2"));
+        assert_eq!(
+            r.downloads.mirror,
+            Some(PathBuf::from("/var/cache/imgbuild/k8s/bin"))
+        );
+        assert_ne!(r.digest, base.digest);
+        // Changing the included recipe changes the including recipe's digest.
+        let again = Recipe::load(&dir.path().join("local.toml")).unwrap();
+        assert_eq!(again.digest, r.digest, "stable");
+        fs::write(
+            dir.path().join("base.toml"),
+            base_recipe().replace("content = \"issue\"", "content = \"issue2\""),
+        )
+        .unwrap();
+        let changed = Recipe::load(&dir.path().join("local.toml")).unwrap();
+        assert_ne!(changed.digest, r.digest);
+    }
+
+    #[test]
+    fn include_errors_are_clear() {
+        let base = base_recipe();
+        let cases: Vec<(&str, String, &str)> = vec![
+            ("include = \"../base.toml\"\n", String::new(), "include"),
+            ("include = \"missing.toml\"\n", String::new(), "include"),
+            ("include = \"local.toml\"\n", String::new(), "include"),
+            (
+                "include = \"base.toml\"\n[[artifacts]]\nname = \"nope\"\nremove = true\n",
+                String::new(),
+                "artifacts[0].name",
+            ),
+            (
+                "include = \"base.toml\"\n[[artifacts]]\nname = \"kubelet\"\nremove = true\ndest = \"/x\"\n",
+                String::new(),
+                "artifacts[0]",
+            ),
+            (
+                "include = \"base.toml\"\n[[artifacts]]\nname = \"kubelet\"\nurl = \"https://x/k\"\nsha256 = \"bad\"\ndest = \"/usr/bin/kubelet\"\n",
+                String::new(),
+                "artifacts[0].sha256",
+            ),
+        ];
+        for (overlay, _, field) in &cases {
+            let dir = write_recipes(&[("base.toml", &base), ("local.toml", overlay)]);
+            let e = Recipe::load(&dir.path().join("local.toml")).unwrap_err();
+            assert_eq!(e.field(), Some(*field), "{overlay}: {e}");
+            assert!(e.to_string().contains("local.toml"), "{e}");
+        }
+        // An error in the included recipe points into that file, with its position.
+        let broken = base.replace("version = \"1\"", "version = \"1 0\"");
+        let dir = write_recipes(&[
+            ("base.toml", &broken),
+            ("local.toml", "include = \"base.toml\"\n"),
+        ]);
+        let e = Recipe::load(&dir.path().join("local.toml")).unwrap_err();
+        assert_eq!(e.field(), Some("image.version"));
+        assert!(e.to_string().contains("base.toml:3:"), "{e}");
+        // Cycles stop.
+        let dir = write_recipes(&[
+            (
+                "a.toml",
+                "include = \"b.toml\"\n[image]\nname = \"a\"\nversion = \"1\"\n",
+            ),
+            (
+                "b.toml",
+                "include = \"a.toml\"\n[image]\nname = \"b\"\nversion = \"1\"\n",
+            ),
+        ]);
+        let e = Recipe::load(&dir.path().join("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("deeper"), "{e}");
+    }
+
+    #[test]
+    fn shipped_k8s_recipes_pin_what_issue_8_says() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        let node = Recipe::load(&dir.join("k8s-node.toml")).unwrap();
+        let pins: BTreeMap<&str, (&str, &str)> = node
+            .artifacts
+            .iter()
+            .map(|a| (a.name.as_str(), (a.url.as_str(), a.sha256.as_str())))
+            .collect();
+        assert_eq!(
+            pins["kubelet"],
+            (
+                "https://dl.k8s.io/release/v1.34.4/bin/linux/amd64/kubelet",
+                "03b8fea715a7ef82eeaf518dee34c72670c57cc7bc40dc1320c04fbf4f15172f"
+            )
+        );
+        assert_eq!(
+            pins["kubeadm"].1,
+            "b967f1fa0e36621c402d38bb560eb4a943954d5cf5a00e5150842f6f5da73455"
+        );
+        assert_eq!(
+            pins["kubectl"].1,
+            "d50c359d95e0841eaad08ddc27c7be37cba8fdccfba5c8e2ded65e121ff112db"
+        );
+        assert_eq!(
+            pins["crictl"].1,
+            "a8ff2a3edb37a98daf3aba7c3b284fe0aa5bff24166d896ab9ef64c8913c9f51"
+        );
+        assert_eq!(
+            pins["cni-plugins"].1,
+            "ab3bda535f9d90766cccc90d3dddb5482003dd744d7f22bcf98186bf8eea8be6"
+        );
+        for p in ["containerd", "runc", "containernetworking-plugins"] {
+            assert!(node.base.packages.contains(&p.to_string()), "{p}");
+        }
+        let config = node
+            .files
+            .iter()
+            .find(|f| f.path == "/etc/containerd/config.toml")
+            .unwrap();
+        assert!(
+            matches!(&config.content, FileContent::Inline(c) if c.contains("restrict_oom_score_adj = true"))
+        );
+
+        let local = Recipe::load(&dir.join("k8s-node-local.toml")).unwrap();
+        assert_eq!(local.includes, vec![dir.join("k8s-node.toml")]);
+        let names: Vec<&str> = local.artifacts.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["kubelet", "kubeadm", "kubectl"]);
+        assert!(local.artifacts.iter().all(|a| a.url.contains("/v1.20.2/")));
+        assert_eq!(
+            local.downloads.mirror,
+            Some(PathBuf::from("/var/cache/imgbuild/k8s/bin"))
+        );
+        assert_eq!(local.systemd, node.systemd, "units are inherited");
+        assert_eq!(local.disk, node.disk);
     }
 
     #[test]

@@ -50,6 +50,13 @@ pub struct LockConfig {
     /// Timeout of each request to the lock service.
     #[serde(default = "default_request_timeout", with = "crate::duration")]
     pub request_timeout: Duration,
+    /// Namespace of the Lease objects (Kubernetes backend).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+fn default_namespace() -> String {
+    "kube-system".into()
 }
 
 fn default_group() -> String {
@@ -169,9 +176,25 @@ pub fn open_lock(
                 request_timeout: config.request_timeout,
             },
         )?)),
-        LockBackend::Kubernetes => Err(LockError::Protocol(
-            "the kubernetes lock backend is not built into this factory yet".into(),
-        )),
+        LockBackend::Kubernetes => {
+            // The API server and credentials come from the in-cluster service account
+            // (imgupdate deployed with one); there is no kubeconfig parser yet.
+            let kube = crate::kube::KubeConfig::in_cluster()
+                .map_err(|e| LockError::Unreachable(format!("kubernetes lock: {e}")))?;
+            let client = crate::kube::KubeClient::new(&kube)
+                .map_err(|e| LockError::Unreachable(format!("kubernetes lock: {e}")))?;
+            let slots = u32::try_from(config.slots)
+                .map_err(|_| LockError::Protocol("[lock] slots is too large".into()))?;
+            Ok(Box::new(crate::lock::kubernetes::LeaseLock::new(
+                client,
+                crate::lock::kubernetes::LeaseLockConfig {
+                    namespace: config.namespace.clone(),
+                    node: identity,
+                    slots,
+                    lease_duration: config.ttl,
+                },
+            )?))
+        }
     }
 }
 
@@ -259,6 +282,7 @@ mod tests {
             ttl: default_ttl(),
             max_hold: default_max_hold(),
             request_timeout: default_request_timeout(),
+            namespace: default_namespace(),
         };
         assert!(open_lock(
             &cfg(

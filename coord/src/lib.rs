@@ -15,9 +15,11 @@
 //!    to the old slot, check it, then release the lock.
 
 pub mod config;
+pub mod drain;
 pub mod duration;
 pub mod fleetlock_server;
 pub mod health;
 pub mod kexec;
+pub mod kube;
 pub mod lock;
 pub mod window;

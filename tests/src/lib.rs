@@ -36,6 +36,8 @@ pub fn build_recipe(recipe: &str, out: &Path) -> Result<BuildReport> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(imgbuild::compose::DEFAULT_CACHE_DIR)),
         source_date_epoch: None,
+        mirror: None,
+        artifact_cache: PathBuf::from(imgbuild::artifacts::DEFAULT_ARTIFACT_CACHE),
         keep_work: false,
         key: None,
     };

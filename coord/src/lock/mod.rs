@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod fleetlock;
+pub mod kubernetes;
 
 use std::sync::Arc;
 use std::time::Duration;
