@@ -62,6 +62,7 @@ pub mod failpoint;
 pub mod fetch;
 pub mod install;
 pub mod metrics;
+pub mod reboot;
 pub mod slots;
 pub mod stage;
 pub mod state;
