@@ -56,6 +56,7 @@
 //!   `failed_versions`. Cluster-wide refusals plug in through [`RefusedVersions`].
 //! - `[lock]` and `[health]` of the config arrive as opaque tables in [`Config`].
 
+pub mod agent;
 pub mod config;
 pub mod dbus;
 pub mod failpoint;

@@ -265,7 +265,8 @@ pub enum RebootError {
 }
 
 /// How a [`Driver`] run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     /// Nothing to do in this state.
     Idle,
