@@ -333,13 +333,18 @@ fn remember_failed(sf: &mut StateFile, version: &str) {
 }
 
 impl Driver<'_> {
-    async fn lock_held(&self) -> Result<bool, LockError> {
-        Ok(self
-            .lock
-            .holders()
-            .await?
-            .iter()
-            .any(|h| h == &self.node_id))
+    /// Whether this node holds the lock. A service that cannot list holders (a plain
+    /// FleetLock server) answers `unknown`: taking and releasing are idempotent, so the
+    /// caller's guess is safe.
+    async fn lock_held(&self, unknown: bool) -> Result<bool, LockError> {
+        match self.lock.holders().await {
+            Ok(holders) => Ok(holders.iter().any(|h| h == &self.node_id)),
+            Err(LockError::Refused(e) | LockError::Protocol(e)) => {
+                tracing::debug!("the lock service cannot list holders ({e}); assuming {unknown}");
+                Ok(unknown)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn dir(&self) -> &std::path::Path {
@@ -400,7 +405,7 @@ impl Driver<'_> {
     /// reboot was requested or the flow has to wait.
     pub async fn reboot_staged(&self) -> Result<Outcome, RebootError> {
         let mut sf = self.observe_boot().await?;
-        let mut held = self.lock_held().await?;
+        let mut held = self.lock_held(false).await?;
         loop {
             let action = next_action(&self.inputs(&sf.state, held, None));
             tracing::info!(state = sf.state.name(), ?action, "reboot flow");
@@ -467,7 +472,7 @@ impl Driver<'_> {
     /// decides; health checks; commit or roll back; release.
     pub async fn verify_boot(&self) -> Result<Outcome, RebootError> {
         let sf = self.observe_boot().await?;
-        let held = self.lock_held().await?;
+        let held = self.lock_held(true).await?;
         self.verify_boot_from(sf, held).await
     }
 

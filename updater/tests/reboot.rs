@@ -475,3 +475,119 @@ fn a_drain_timeout_postpones_and_releases_the_lock() {
         );
     });
 }
+
+/// Run the binary with `node`'s config file.
+fn cli(node: &Node, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imgupdate"))
+        .arg("--config")
+        .arg(&node.config_path)
+        .args(["--bus", "unix:path=/nonexistent/bus", "--json"])
+        .args(args)
+        .env("IMGUPDATE_LOG", "error")
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: {e}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), v)
+}
+
+/// Top-level keys first, then tables: the Node config has only top-level keys.
+fn append_config(node: &Node, text: &str) {
+    let mut c = std::fs::read_to_string(&node.config_path).unwrap();
+    c.push_str(text);
+    std::fs::write(&node.config_path, c).unwrap();
+}
+
+/// A FleetLock server on its own thread for tests that run the binary.
+fn fleetlock_in_background() -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        rt().block_on(async move {
+            let server =
+                FleetLockServer::start("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+                    .await
+                    .unwrap();
+            tx.send(server.url()).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().unwrap()
+}
+
+#[test]
+fn cli_verify_boot_commits_a_healthy_trial_with_the_local_lock() {
+    let node = staged("kexec");
+    let rt = rt();
+    let up = Arc::new(AtomicBool::new(true));
+    // The health endpoint must outlive the blocking CLI call: serve from a thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            tx.send(health_server(up).await).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    let url = rx.recv().unwrap();
+    append_config(
+        &node,
+        &format!(
+            "node_id = \"node-cli\"\n[health]\ndeadline = \"3s\"\ninterval = \"200ms\"\n\
+             checks = [{{ kind = \"http\", url = \"{url}\", timeout = \"1s\" }}]\n"
+        ),
+    );
+    // As `imgupdate reboot` leaves it: rebooting recorded, local lock held.
+    let mut sf = node.state();
+    sf.apply(imgupdate::Event::LockRequested).unwrap();
+    sf.apply(imgupdate::Event::LockAcquired).unwrap();
+    sf.apply(imgupdate::Event::Drained {
+        strategy: imgupdate::Strategy::Kexec,
+    })
+    .unwrap();
+    sf.save(&node.cfg.state_dir).unwrap();
+    let lock_file = node.cfg.state_dir.join("reboot-lock");
+    std::fs::write(&lock_file, "node-cli").unwrap();
+    boot(&node, NEW, Slot::B);
+    let (code, v) = cli(&node, &["verify-boot"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["outcome"], "committed", "{v}");
+    assert_eq!(v["version"], NEW);
+    assert!(node.entries().contains(&"imgbuild-b.conf".to_string()));
+    assert!(!lock_file.exists(), "local lock released");
+    assert!(matches!(node.state().state, State::Committed { .. }));
+}
+
+#[test]
+fn cli_check_refuses_a_version_failed_on_another_node() {
+    let url = fleetlock_in_background();
+    let node = Node::new("kexec");
+    append_config(
+        &node,
+        &format!("node_id = \"node-2\"\n[lock]\nbackend = \"fleetlock\"\nurl = \"{url}\"\n"),
+    );
+    let (code, v) = cli(&node, &["check"]);
+    assert_eq!((code, v["result"].as_str()), (0, Some("update")), "{v}");
+    // node-1 records 1.1 as failed where the lock lives.
+    rt().block_on(async {
+        let lock = FleetLockClient::new(
+            &url,
+            NodeIdentity {
+                id: "node-1".into(),
+                group: "default".into(),
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        lock.mark_release_failed(NEW, "kubelet: HTTP 503")
+            .await
+            .unwrap();
+    });
+    let (code, v) = cli(&node, &["check"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["result"], "refused", "{v}");
+    assert_eq!(v["version"], NEW);
+}
