@@ -17,6 +17,7 @@ use common::*;
 use imgcoord::config::HealthConfig;
 use imgcoord::fleetlock_server::{FleetLockServer, ServerConfig};
 use imgcoord::health::{Check, CheckKind, SystemProbe, Systemctl};
+use imgcoord::lock::etcd::{EtcdLock, EtcdOptions};
 use imgcoord::lock::fleetlock::FleetLockClient;
 use imgcoord::lock::{NodeIdentity, RebootLock};
 use imgcoord::window::Window;
@@ -207,6 +208,8 @@ fn opts(url: &str, windows: Vec<Window>) -> RebootOptions {
 struct World {
     node: Node,
     server: FleetLockServer,
+    /// When set, the lock lives in this etcd instead of the FleetLock server.
+    etcd: Option<String>,
     up: Arc<AtomicBool>,
     url: String,
     rebooter: FakeRebooter,
@@ -226,6 +229,7 @@ impl World {
         World {
             node,
             server,
+            etcd: None,
             up,
             url,
             rebooter,
@@ -237,13 +241,35 @@ impl World {
         }
     }
 
+    fn lock(&self, id: &str) -> Box<dyn RebootLock> {
+        match &self.etcd {
+            Some(url) => Box::new(
+                EtcdLock::new(
+                    url,
+                    NodeIdentity {
+                        id: id.into(),
+                        group: "default".into(),
+                    },
+                    EtcdOptions {
+                        slots: 1,
+                        ttl: Duration::from_secs(60),
+                        max_hold: Duration::from_secs(600),
+                        request_timeout: Duration::from_secs(5),
+                    },
+                )
+                .unwrap(),
+            ),
+            None => Box::new(lock_for(&self.server, id)),
+        }
+    }
+
     /// One start of the agent: a fresh Updater (reads what booted) and a driver.
     async fn run(&self, windows: Vec<Window>, reboot: bool) -> Outcome {
         let updater = self.node.updater();
-        let lock = lock_for(&self.server, "node-1");
+        let lock = self.lock("node-1");
         let driver = Driver {
             updater: &updater,
-            lock: &lock,
+            lock: lock.as_ref(),
             node_id: "node-1".into(),
             drainer: &self.drainer,
             rebooter: &self.rebooter,
@@ -590,4 +616,122 @@ fn cli_check_refuses_a_version_failed_on_another_node() {
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["result"], "refused", "{v}");
     assert_eq!(v["version"], NEW);
+}
+
+/// A real etcd (Debian's `/usr/bin/etcd`) on free 127.0.0.1 ports, killed on drop.
+struct Etcd {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn etcd() -> Etcd {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = std::process::Command::new("/usr/bin/etcd")
+        .args(["--name", "test", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("test={peer_url}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting /usr/bin/etcd");
+    let etcd = Etcd {
+        child,
+        url,
+        _dir: dir,
+    };
+    let probe = EtcdLock::new(
+        &etcd.url,
+        NodeIdentity {
+            id: "probe".into(),
+            group: "default".into(),
+        },
+        EtcdOptions {
+            slots: 1,
+            ttl: Duration::from_secs(60),
+            max_hold: Duration::from_secs(600),
+            request_timeout: Duration::from_secs(2),
+        },
+    )
+    .unwrap();
+    for _ in 0..300 {
+        if probe.holders().await.is_ok() {
+            return etcd;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("etcd did not come up");
+}
+
+#[test]
+fn reboot_strategy_rollback_records_the_failed_release_in_etcd() {
+    let node = staged("reboot");
+    rt().block_on(async {
+        let etcd = etcd().await;
+        let mut w = World::new(node, false).await;
+        w.etcd = Some(etcd.url.clone());
+        let holders = || async { w.lock("node-2").holders().await.unwrap() };
+        assert_eq!(
+            reboot_staged(&w, vec![]).await,
+            Outcome::Rebooting { slot: Slot::B }
+        );
+        assert_eq!(w.rebooter.calls(), vec![Call::Reboot(Slot::B)]);
+        assert_eq!(holders().await, vec!["node-1".to_string()]);
+        // 1.1 boots from its +3 entry, unhealthy: back to slot a by firmware reboot.
+        w.up.store(false, Ordering::SeqCst);
+        assert_eq!(verify_boot(&w).await, Outcome::Rebooting { slot: Slot::A });
+        assert_eq!(w.rebooter.calls().last(), Some(&Call::Reboot(Slot::A)));
+        let entries = w.node.entries();
+        assert!(
+            entries.contains(&"imgbuild-b+0-3.conf".to_string()),
+            "{entries:?}"
+        );
+        let failed = w.lock("node-2").failed_releases().await.unwrap();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].version, NEW);
+        assert_eq!(holders().await, vec!["node-1".to_string()]);
+        // Slot a, healthy: released (by a fresh client: the lease outlives the process).
+        w.up.store(true, Ordering::SeqCst);
+        assert_eq!(
+            verify_boot(&w).await,
+            Outcome::RolledBack {
+                version: NEW.into()
+            }
+        );
+        assert!(holders().await.is_empty());
+        let refused = ClusterRefusals::fetch(w.lock("node-2").as_ref())
+            .await
+            .unwrap();
+        assert!(imgupdate::RefusedVersions::is_refused(&refused, NEW));
+    });
 }
