@@ -136,6 +136,7 @@ pub fn run(cfg: &Config, phase: Phase) -> anyhow::Result<Outcome> {
             windows: cfg.window.windows.clone(),
             health: cfg.health.clone(),
             drain_timeout: Duration::from_secs(cfg.drain_timeout_secs),
+            renew_every: cfg.lock.as_ref().map(|l| l.ttl / 3),
         },
     };
     let out: Result<Outcome, RebootError> = runtime()?.block_on(async {

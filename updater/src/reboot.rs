@@ -294,6 +294,9 @@ pub struct RebootOptions {
     pub windows: Vec<Window>,
     pub health: HealthConfig,
     pub drain_timeout: Duration,
+    /// Renew a held lock this often while draining and checking (TTL backends; a third
+    /// of the TTL); `None`: never.
+    pub renew_every: Option<Duration>,
 }
 
 /// Runs the flow for one node, acting through the traits.
@@ -344,6 +347,31 @@ impl Driver<'_> {
                 Ok(unknown)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Run `work` while renewing the lock every `renew_every`; a failed renewal (lost
+    /// slot, `max_hold` reached) ends the work with the lock error.
+    /// Never renews a lock not held: for FleetLock a renewal is a `pre-reboot` call.
+    async fn renewing<T>(
+        &self,
+        held: bool,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, LockError> {
+        let Some(every) = self.opts.renew_every.filter(|_| held) else {
+            return Ok(work.await);
+        };
+        let renew = async {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = self.lock.renew().await {
+                    return e;
+                }
+            }
+        };
+        tokio::select! {
+            out = work => Ok(out),
+            err = renew => Err(err),
         }
     }
 
@@ -432,9 +460,8 @@ impl Driver<'_> {
                     }
                     self.drainer.cordon().await.map_err(RebootError::Drain)?;
                     match self
-                        .drainer
-                        .drain(self.opts.drain_timeout)
-                        .await
+                        .renewing(true, self.drainer.drain(self.opts.drain_timeout))
+                        .await?
                         .map_err(RebootError::Drain)?
                     {
                         Drained::Drained => {
@@ -487,12 +514,20 @@ impl Driver<'_> {
             tracing::info!(state = sf.state.name(), ?action, "boot verification");
             match action {
                 Action::RunHealth => {
-                    let report = run_until_verdict(
-                        &self.opts.health.checks,
-                        self.probe,
-                        self.opts.health.policy(),
-                    )
-                    .await;
+                    if held {
+                        // The lease ran down during the reboot: refresh it first.
+                        self.lock.renew().await?;
+                    }
+                    let report = self
+                        .renewing(
+                            held,
+                            run_until_verdict(
+                                &self.opts.health.checks,
+                                self.probe,
+                                self.opts.health.policy(),
+                            ),
+                        )
+                        .await?;
                     tracing::info!(verdict = ?report.verdict, rounds = report.rounds, "health");
                     verdict = Some(report.verdict);
                 }

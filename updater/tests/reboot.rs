@@ -201,6 +201,7 @@ fn opts(url: &str, windows: Vec<Window>) -> RebootOptions {
             interval: Duration::from_millis(200),
         },
         drain_timeout: Duration::from_secs(1),
+        renew_every: Some(Duration::from_millis(300)),
     }
 }
 
