@@ -483,7 +483,17 @@ impl Driver<'_> {
                         State::Rebooting { version, .. } => version.clone(),
                         _ => String::new(),
                     };
-                    self.reboot(strategy, slot, &version).await?;
+                    if let Err(e) = self.reboot(strategy, slot, &version).await {
+                        // Nothing rebooted: fail this attempt (a later check may retry
+                        // the version; it is not recorded as a bad release) and give
+                        // the node back to the cluster.
+                        sf.apply(Event::Error {
+                            reason: e.to_string(),
+                        })?;
+                        sf.save(self.dir())?;
+                        self.release().await?;
+                        return Err(e);
+                    }
                     return Ok(Outcome::Rebooting { slot });
                 }
                 Action::Idle

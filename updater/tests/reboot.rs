@@ -736,3 +736,46 @@ fn reboot_strategy_rollback_records_the_failed_release_in_etcd() {
         assert!(imgupdate::RefusedVersions::is_refused(&refused, NEW));
     });
 }
+
+/// A rebooter whose kexec cannot load (no CAP_SYS_BOOT, unsupported kernel).
+struct BrokenRebooter;
+
+#[async_trait::async_trait]
+impl Rebooter for BrokenRebooter {
+    async fn kexec(&self, _: &KexecPlan, _: Vec<u8>, _: Vec<u8>) -> Result<(), String> {
+        Err("kexec_file_load: Operation not permitted".into())
+    }
+    async fn reboot_into(&self, _: Slot) -> Result<(), String> {
+        Err("no bus".into())
+    }
+}
+
+#[test]
+fn a_reboot_that_cannot_start_fails_the_attempt_but_not_the_release() {
+    let node = staged("kexec");
+    rt().block_on(async {
+        let w = World::new(node, false).await;
+        let updater = w.node.updater();
+        let lock = w.lock("node-1");
+        let driver = Driver {
+            updater: &updater,
+            lock: lock.as_ref(),
+            node_id: "node-1".into(),
+            drainer: &w.drainer,
+            rebooter: &BrokenRebooter,
+            probe: &w.probe,
+            opts: opts(&w.url, vec![]),
+        };
+        let err = driver.reboot_staged().await.unwrap_err();
+        assert!(err.to_string().contains("Operation not permitted"), "{err}");
+        let sf = w.node.state();
+        assert!(matches!(sf.state, State::Failed { .. }), "{:?}", sf.state);
+        assert!(sf.failed_versions.is_empty(), "may be retried");
+        assert!(w.server.holders("default").is_empty());
+        assert_eq!(w.drainer.calls.lock().unwrap().last(), Some(&"uncordon"));
+        assert!(w.lock("node-2").failed_releases().await.unwrap().is_empty());
+        // The next start (still the old slot) records nothing as failed either.
+        assert_eq!(verify_boot(&w).await, Outcome::Idle);
+        assert!(w.lock("node-2").failed_releases().await.unwrap().is_empty());
+    });
+}
