@@ -89,7 +89,7 @@ pub struct Inputs<'a> {
 /// | failed | held, no verdict / pending | run_health |
 /// | failed | held, pass | release_lock |
 /// | failed | held, fail | idle (stay cordoned, keep the lock) |
-/// | committed, idle, checking, downloading, verifying, failed | held | release_lock (committed/idle..) |
+/// | idle, checking, downloading, verifying, committed | held | release_lock |
 /// | any other | !held | idle |
 pub fn next_action(i: &Inputs<'_>) -> Action {
     let gate = || {
