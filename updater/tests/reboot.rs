@@ -779,3 +779,18 @@ fn a_reboot_that_cannot_start_fails_the_attempt_but_not_the_release() {
         assert!(w.lock("node-2").failed_releases().await.unwrap().is_empty());
     });
 }
+
+#[test]
+fn a_lock_held_when_the_window_has_closed_is_given_back() {
+    let node = staged("kexec");
+    rt().block_on(async {
+        let w = World::new(node, false).await;
+        // Taken in an earlier window (the agent restarted before it could reboot).
+        assert!(w.lock("node-1").try_acquire().await.unwrap());
+        let out = reboot_staged(&w, vec![closed_window()]).await;
+        assert_eq!(out, Outcome::WindowClosed);
+        assert!(w.server.holders("default").is_empty());
+        assert!(w.rebooter.calls().is_empty());
+        assert!(matches!(w.node.state().state, State::Staged { .. }));
+    });
+}
