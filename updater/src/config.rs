@@ -77,12 +77,21 @@ pub struct Config {
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
-    /// Reboot lock (issue 6); kept opaque here.
+    /// This node's id for the reboot lock. Default: `/etc/machine-id`.
     #[serde(default)]
-    pub lock: Option<toml::Table>,
-    /// Health checks (issue 6); kept opaque here.
+    pub node_id: Option<String>,
+    /// Seconds a drain may take before the reboot is postponed (lock released).
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
+    /// Cluster reboot lock (`imgcoord::config::LockConfig`); none: reboot without one.
     #[serde(default)]
-    pub health: Option<toml::Table>,
+    pub lock: Option<imgcoord::config::LockConfig>,
+    /// Health checks that gate a new slot (`imgcoord::config::HealthConfig`).
+    #[serde(default)]
+    pub health: imgcoord::config::HealthConfig,
+    /// Maintenance windows (`imgcoord::config::WindowConfig`); none: any time.
+    #[serde(default)]
+    pub window: imgcoord::config::WindowConfig,
 }
 
 /// Where metrics go.
@@ -102,6 +111,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_interval() -> u64 {
     3600
+}
+fn default_drain_timeout() -> u64 {
+    900
 }
 fn default_os_release() -> PathBuf {
     PathBuf::from("/etc/os-release")
@@ -212,6 +224,7 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const MINIMAL: &str = "channel_url = \"https://updates.example/stable\"\n\
                            trusted_root = \"/usr/share/imgupdate/root.json\"\n";
@@ -243,12 +256,18 @@ mod tests {
             "{MINIMAL}state_dir = \"/srv/upd\"\nstrategy = \"reboot\"\n\
              max_version = \"2.0\"\npinned_version = \"1.5\"\ndisk = \"/tmp/d.img\"\n\
              [metrics]\nlisten = \"127.0.0.1:9548\"\n[lock]\nbackend = \"etcd\"\n\
-             [health]\ndeadline_secs = 300\n"
+             url = \"http://127.0.0.1:2379\"\n[health]\ndeadline = \"5m\"\n\
+             checks = [{{ kind = \"http\", url = \"http://127.0.0.1:10248/healthz\" }}]\n\
+             [window]\nwindows = [{{ days = [\"Sat\"], start = \"01:00\", length = \"3h\" }}]\n"
         );
         let c = Config::parse(&text, "c.toml").unwrap();
         assert_eq!(c.strategy, Strategy::Reboot);
         assert_eq!(c.metrics.listen.unwrap().port(), 9548);
-        assert_eq!(c.lock.unwrap()["backend"].as_str(), Some("etcd"));
+        assert_eq!(c.lock.unwrap().backend, imgcoord::config::LockBackend::Etcd);
+        assert_eq!(c.health.deadline, Duration::from_secs(300));
+        assert_eq!(c.health.checks.len(), 1);
+        assert_eq!(c.window.windows.len(), 1);
+        assert_eq!(c.drain_timeout_secs, 900);
         assert_eq!(c.disk, Some(PathBuf::from("/tmp/d.img")));
     }
 

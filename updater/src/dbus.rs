@@ -143,6 +143,8 @@ impl Service {
     /// emitting `Progress` signals when a bus connection is up.
     pub fn run_update(&self) -> Result<crate::install::UpdateReport, UpdateError> {
         let updater = Updater::new(self.cfg.clone())?;
+        // Versions failed on other nodes (recorded where the reboot lock lives).
+        let refused = crate::agent::cluster_refusals(&self.cfg)?;
         let shared = self.shared.clone();
         let mut last_pct = u64::MAX;
         let mut progress = |done: u64, total: u64| {
@@ -163,7 +165,7 @@ impl Service {
                 }
             }
         };
-        let result = updater.update(Method::Auto, &LocalRefusals::default(), &mut progress);
+        let result = updater.update(Method::Auto, &refused, &mut progress);
         if let Ok(mut p) = self.shared.progress.lock() {
             *p = None;
         }

@@ -4,7 +4,7 @@
 //! This crate owns the node side of updates: its configuration ([`config`]), the one
 //! state file and the state machine ([`state`]), finding the slots ([`slots`]), resumable
 //! downloads ([`fetch`]), writing and verifying the inactive slot ([`install`]), what boots
-//! ([`stage`]), the D-Bus API ([`dbus`]) and metrics ([`metrics`]). It must never write the
+//! ([`stage`]), the reboot flow ([`reboot`], wired by [`agent`]), the D-Bus API ([`dbus`]) and metrics ([`metrics`]). It must never write the
 //! running slot, never make a slot bootable before its whole image hash matched the
 //! signed one, and never trust bytes that TUF (via `imgchannel`) did not vouch for.
 //! Issue 6 adds the reboot lock, drain, kexec/reboot and the health verdict on top,
@@ -54,14 +54,18 @@
 //!   with `plan.entry` makes it the firmware default (newest version, no counter = good).
 //! - Reject a slot: [`Updater::rollback`] (or [`stage::mark_bad`]); the version lands in
 //!   `failed_versions`. Cluster-wide refusals plug in through [`RefusedVersions`].
-//! - `[lock]` and `[health]` of the config arrive as opaque tables in [`Config`].
+//! - `[lock]`, `[health]` and `[window]` are `imgcoord::config` types in [`Config`].
+//! - [`reboot`] holds the pure [`reboot::next_action`] and the [`reboot::Driver`];
+//!   [`agent`] wires them from the configuration for the CLI and the daemon.
 
+pub mod agent;
 pub mod config;
 pub mod dbus;
 pub mod failpoint;
 pub mod fetch;
 pub mod install;
 pub mod metrics;
+pub mod reboot;
 pub mod slots;
 pub mod stage;
 pub mod state;

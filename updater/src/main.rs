@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use imgupdate::agent::{self, Phase};
 use imgupdate::dbus::{self, Service, Status};
-use imgupdate::install::LocalRefusals;
+use imgupdate::reboot::Outcome;
 use imgupdate::{Config, Method, UpdateError, Updater};
 
 /// A/B updates of an imgbuild node from a signed channel.
@@ -57,6 +58,13 @@ enum Command {
     },
     /// Drop a staged update, or mark the trial/committed slot bad so the old one boots.
     Rollback,
+    /// Move a staged slot on: wait for a maintenance window, take the cluster reboot
+    /// lock, drain, then kexec (or reboot) into it.
+    Reboot,
+    /// After a boot: health checks, then commit (good, default, uncordon, release the
+    /// lock) or roll back. Run by imgupdate-health.service before boot-complete.target;
+    /// exits non-zero when the running system is not healthy.
+    VerifyBoot,
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -174,12 +182,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             })
         }
         Command::Check => {
-            let choice = Updater::new(cfg)?.check(&LocalRefusals::default())?;
+            let refused = imgupdate::agent::cluster_refusals(&cfg)?;
+            let choice = Updater::new(cfg)?.check(&refused)?;
             print(cli.json, &choice, |c| format!("{c:?}"))
         }
         Command::Update { method } => {
-            let report =
-                Updater::new(cfg)?.update(*method, &LocalRefusals::default(), &mut |_, _| {})?;
+            let refused = imgupdate::agent::cluster_refusals(&cfg)?;
+            let report = Updater::new(cfg)?.update(*method, &refused, &mut |_, _| {})?;
             print(cli.json, &report, |r| {
                 format!("{:?} -> state {}", r.choice, r.state.name())
             })
@@ -205,6 +214,18 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let state = Updater::new(cfg)?.rollback()?;
             print(cli.json, &state, |s| format!("state {}", s.name()))
         }
+        Command::Reboot => {
+            let out = agent::run(&cfg, Phase::Reboot)?;
+            print(cli.json, &out, |o| format!("{o:?}"))
+        }
+        Command::VerifyBoot => {
+            let out = agent::run(&cfg, Phase::VerifyBoot)?;
+            print(cli.json, &out, |o| format!("{o:?}"))?;
+            if let Outcome::Unhealthy { reasons } = out {
+                anyhow::bail!("the running system is unhealthy: {}", reasons.join("; "));
+            }
+            Ok(())
+        }
         Command::Completions { .. } | Command::Man => Ok(()),
     }
 }
@@ -218,6 +239,11 @@ fn daemon(cfg: Config, bus: Option<&str>, no_timer: bool) -> anyhow::Result<()> 
         updater.running.slot,
         sf.state.name()
     );
+    // What booted decides: finish a trial or a rollback before anything else.
+    match agent::run(&cfg, Phase::VerifyBoot) {
+        Ok(out) => tracing::info!("boot verification: {out:?}"),
+        Err(e) => tracing::warn!("boot verification: {e:#}"),
+    }
     let service = Service::new(cfg.clone());
     let _conn = dbus::serve(service.clone(), bus)?;
     let metrics = {
@@ -245,6 +271,14 @@ fn daemon(cfg: Config, bus: Option<&str>, no_timer: bool) -> anyhow::Result<()> 
         match service.run_update() {
             Ok(r) => tracing::info!("check: {:?}, state {}", r.choice, r.state.name()),
             Err(e) => tracing::warn!("update: {e:#}"),
+        }
+        let staged = imgupdate::StateFile::load(&cfg.state_dir)
+            .is_ok_and(|sf| matches!(sf.state, imgupdate::State::Staged { .. }));
+        if staged {
+            match agent::run(&cfg, Phase::Reboot) {
+                Ok(out) => tracing::info!("reboot flow: {out:?}"),
+                Err(e) => tracing::warn!("reboot flow: {e:#}"),
+            }
         }
         std::thread::sleep(Duration::from_secs(cfg.check_interval_secs));
     }
