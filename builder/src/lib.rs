@@ -9,6 +9,7 @@ pub mod delta;
 pub mod disk;
 pub mod doctor;
 pub mod filesystem;
+pub mod flash;
 pub mod progress;
 pub mod publish;
 pub mod recipe;
