@@ -1,0 +1,232 @@
+//! VM tier: the live installer. The ISO (built from the minimal image's outputs with a
+//! throw-away key) boots under OVMF from a CD drive next to a blank virtio disk, asks
+//! before writing the only disk, installs, reboots from the disk and reaches the boot
+//! report on root-a; a disk smaller than the image is refused and stays untouched. The
+//! PXE variant boots iPXE from QEMU's user-mode TFTP and installs over HTTP.
+//!
+//! Set `IMGBUILD_TEST_IMAGES=DIR` to reuse the outputs of an earlier `imgbuild build
+//! recipes/minimal.toml` (read only); otherwise the minimal recipe is built first.
+//! Run with `cargo test -p imgbuild-tests --test vm_install -- --ignored --test-threads=1`.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use imgbuild::installer::MediaInputs;
+use imgbuild_tests::{build_recipe, e2e_dir, parse_boot_report, workspace_root};
+use imgqemu::{Vm, VmConfig};
+
+const STEM: &str = "minimal-1.0.0";
+
+/// The minimal image's outputs: `IMGBUILD_TEST_IMAGES` or a fresh build.
+fn images() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("IMGBUILD_TEST_IMAGES") {
+            return PathBuf::from(d);
+        }
+        let out = e2e_dir("minimal-install");
+        if !out.join(format!("{STEM}.raw")).is_file() {
+            let _ = fs::remove_dir_all(&out);
+            build_recipe("recipes/minimal.toml", &out).expect("build minimal");
+        }
+        out
+    })
+}
+
+/// Builds `imgbuild-install` (the test binary's package does not) and points the
+/// builder at it.
+fn installer_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "imgbuild-installer",
+                "--bin",
+                "imgbuild-install",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build");
+        assert!(st.success(), "building imgbuild-install failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        let bin = target.join("debug/imgbuild-install");
+        assert!(bin.is_file(), "{} missing", bin.display());
+        std::env::set_var(imgbuild::installer::INSTALLER_ENV, &bin);
+        bin
+    })
+    .clone()
+}
+
+fn inputs(work: &Path) -> MediaInputs {
+    let dir = images();
+    let key = work.join("test.key");
+    if !key.exists() {
+        imgchannel::generate(&key).expect("generate a test key");
+    }
+    MediaInputs {
+        stem: STEM.into(),
+        title: "imgbuild minimal 1.0.0".into(),
+        raw: dir.join(format!("{STEM}.raw")),
+        root_ext4: dir.join(format!("{STEM}.root.ext4")),
+        kernel: dir.join(format!("{STEM}.vmlinuz")),
+        initrd: dir.join(format!("{STEM}.initrd")),
+        recipe_cmdline: "console=ttyS0,115200 systemd.show_status=1".into(),
+        epoch: 1_735_689_600,
+        key,
+    }
+}
+
+/// The installer ISO, built once per test process.
+fn iso() -> &'static PathBuf {
+    static ISO: OnceLock<PathBuf> = OnceLock::new();
+    ISO.get_or_init(|| {
+        installer_binary();
+        let work = e2e_dir("install");
+        let _ = fs::remove_dir_all(&work);
+        fs::create_dir_all(&work).unwrap();
+        let started = Instant::now();
+        let out = work.join(format!("{STEM}.iso"));
+        imgbuild::iso::build_iso(&inputs(&work), &work.join("media"), &out).expect("build the ISO");
+        eprintln!(
+            "ISO built in {:.1}s: {} MiB",
+            started.elapsed().as_secs_f64(),
+            fs::metadata(&out).unwrap().len() >> 20
+        );
+        out
+    })
+}
+
+fn blank_disk(path: &Path, size: &str) {
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(path)
+        .arg(size)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn cdrom_args(iso: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=cd0,media=cdrom,readonly=on,format=raw",
+            iso.display()
+        )
+        .into(),
+        "-device".into(),
+        "ide-cd,drive=cd0,bootindex=1".into(),
+    ]
+}
+
+fn wait(vm: &Vm, what: &str, secs: u64) {
+    if let Err(e) = vm.wait_for_serial(what, Duration::from_secs(secs)) {
+        let tail = vm.serial_tail(60);
+        let _ = vm.kill();
+        panic!("waiting for {what:?}: {e}\n--- serial tail ---\n{tail}");
+    }
+}
+
+fn all_zero(path: &Path) -> bool {
+    let mut f = fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return true;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return false;
+        }
+    }
+}
+
+fn assert_installed_system(log: &str) {
+    let r = parse_boot_report(log).unwrap();
+    assert_eq!(r.get("partlabel"), Some("root-a"), "{r:?}");
+    assert_eq!(r.get("image"), Some("minimal"));
+    assert_eq!(r.get("version"), Some("1.0.0"));
+    assert_eq!(r.state, "running", "failed units: {:?}", r.failed);
+    let var_mib: u64 = r.get("var_mib").unwrap_or("0").parse().unwrap();
+    assert!(
+        var_mib > 1500,
+        "var was not grown to the 4 GiB disk: {var_mib} MiB"
+    );
+}
+
+#[test]
+#[ignore = "VM tier: boots the installer ISO in QEMU, installs and boots the disk (~10 min under TCG)"]
+fn iso_installs_onto_a_blank_disk_and_reboots_into_it() {
+    let iso = iso();
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    blank_disk(&disk, "4G");
+    let mut cfg = VmConfig::uefi("iso-install", imgqemu::firmware().unwrap(), &disk);
+    cfg.snapshot = false;
+    cfg.disk_format = Some(imgqemu::DiskFormat::Raw);
+    cfg.memory_mib = 2048;
+    cfg.network = None;
+    cfg.serial_log = Some(e2e_dir("install").join("iso-install.serial.log"));
+    cfg.extra_args = cdrom_args(iso);
+    let vm = Vm::start(&cfg).unwrap();
+    let t0 = Instant::now();
+    wait(&vm, "Type yes and Enter", 600);
+    let prompt = t0.elapsed();
+    vm.send_serial("yes\n").unwrap();
+    wait(&vm, "done: rebooting into the installed system", 1800);
+    let installed = t0.elapsed();
+    wait(&vm, "imgbuild-report: end", 900);
+    let booted = t0.elapsed();
+    let log = vm.serial_log();
+    vm.kill().unwrap();
+    eprintln!(
+        "ISO: installer prompt after {:.0}s, installed after {:.0}s, installed system's boot report after {:.0}s",
+        prompt.as_secs_f64(),
+        installed.as_secs_f64(),
+        booted.as_secs_f64()
+    );
+    assert!(
+        log.contains("signature good"),
+        "the payload was not verified"
+    );
+    assert!(log.contains("matches the signature"), "no read-back check");
+    assert_installed_system(&log);
+}
+
+#[test]
+#[ignore = "VM tier: boots the installer ISO in QEMU next to a disk that is too small"]
+fn iso_refuses_a_disk_smaller_than_the_image() {
+    let iso = iso();
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("small.raw");
+    blank_disk(&disk, "1G");
+    let mut cfg = VmConfig::uefi("iso-refuse", imgqemu::firmware().unwrap(), &disk);
+    cfg.snapshot = false;
+    cfg.disk_format = Some(imgqemu::DiskFormat::Raw);
+    cfg.memory_mib = 2048;
+    cfg.network = None;
+    cfg.serial_log = Some(e2e_dir("install").join("iso-refuse.serial.log"));
+    cfg.extra_args = cdrom_args(iso);
+    let vm = Vm::start(&cfg).unwrap();
+    wait(&vm, "Type yes and Enter", 600);
+    vm.send_serial("yes\n").unwrap();
+    wait(&vm, "installation stopped", 300);
+    let log = vm.serial_log();
+    vm.kill().unwrap();
+    assert!(
+        log.contains("refusing /dev/vda: it is 1024 MiB, smaller than the image"),
+        "no clear refusal on the console"
+    );
+    assert!(log.contains("nothing was written"));
+    assert!(all_zero(&disk), "the refused disk was written to");
+}
