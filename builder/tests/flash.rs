@@ -1,6 +1,8 @@
 //! `imgbuild flash` to a regular file: the happy path, and a tampered or unsigned image
 //! refused before a single byte of the target changes.
 
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 

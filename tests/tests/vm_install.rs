@@ -8,6 +8,8 @@
 //! recipes/minimal.toml` (read only); otherwise the minimal recipe is built first.
 //! Run with `cargo test -p imgbuild-tests --test vm_install -- --ignored --test-threads=1`.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -229,4 +231,114 @@ fn iso_refuses_a_disk_smaller_than_the_image() {
     );
     assert!(log.contains("nothing was written"));
     assert!(all_zero(&disk), "the refused disk was written to");
+}
+
+/// A static file server for the PXE test, on 127.0.0.1 only (the guest reaches it as
+/// 10.0.2.2 through QEMU's user-mode network). One connection at a time, no keep-alive.
+fn serve_http(root: PathBuf) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let mut req = Vec::new();
+            let mut byte = [0u8; 1];
+            while !req.ends_with(b"\r\n\r\n") && s.read(&mut byte).map(|n| n == 1).unwrap_or(false)
+            {
+                req.push(byte[0]);
+            }
+            let req = String::from_utf8_lossy(&req).into_owned();
+            let path = req.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            let rel = path.trim_start_matches('/');
+            let file = root.join(rel);
+            match (rel.contains(".."), fs::File::open(&file)) {
+                (false, Ok(mut f)) if file.is_file() => {
+                    let len = f.metadata().unwrap().len();
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = std::io::copy(&mut f, &mut s);
+                }
+                _ => {
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                }
+            }
+            eprintln!("http: {path}");
+        }
+    });
+    port
+}
+
+#[test]
+#[ignore = "VM tier: network-boots the installer with iPXE (TFTP + HTTP), installs and boots the disk"]
+fn pxe_installs_over_http_and_reboots_into_the_disk() {
+    installer_binary();
+    let work = e2e_dir("install-pxe");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).unwrap();
+    let served = work.join("http");
+    let pxe = served.join(format!("{STEM}.pxe"));
+    let started = Instant::now();
+    imgbuild::pxe::build_pxe(&inputs(&work), &work.join("media"), &pxe).expect("build PXE");
+    eprintln!(
+        "PXE directory built in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    for f in [
+        "vmlinuz",
+        "initrd.img",
+        "boot.ipxe",
+        "SHA256SUMS",
+        "SHA256SUMS.sig",
+    ] {
+        assert!(pxe.join(f).is_file(), "{f} missing");
+    }
+    let port = serve_http(served);
+    let tftp = work.join("tftp");
+    fs::create_dir_all(&tftp).unwrap();
+    fs::write(
+        tftp.join("start.ipxe"),
+        format!("#!ipxe\nset base http://10.0.2.2:{port}/{STEM}.pxe/\nchain ${{base}}boot.ipxe\n"),
+    )
+    .unwrap();
+
+    let disk = work.join("disk.raw");
+    blank_disk(&disk, "4G");
+    let mut cfg = VmConfig::uefi("pxe-install", imgqemu::firmware().unwrap(), &disk);
+    cfg.snapshot = false;
+    cfg.disk_format = Some(imgqemu::DiskFormat::Raw);
+    cfg.memory_mib = 2048;
+    cfg.network = None;
+    cfg.serial_log = Some(work.join("pxe-install.serial.log"));
+    cfg.extra_args = vec![
+        "-netdev".into(),
+        format!("user,id=pxe0,tftp={},bootfile=start.ipxe", tftp.display()).into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=pxe0,bootindex=1,romfile=/usr/lib/ipxe/qemu/efi-virtio.rom".into(),
+    ];
+    let vm = Vm::start(&cfg).unwrap();
+    let t0 = Instant::now();
+    wait(&vm, "imgbuild live installer starting", 600);
+    let kernel = t0.elapsed();
+    wait(&vm, "done: rebooting into the installed system", 1800);
+    let installed = t0.elapsed();
+    wait(&vm, "imgbuild-report: end", 900);
+    let booted = t0.elapsed();
+    let log = vm.serial_log();
+    vm.kill().unwrap();
+    eprintln!(
+        "PXE: installer running after {:.0}s, installed after {:.0}s, boot report after {:.0}s",
+        kernel.as_secs_f64(),
+        installed.as_secs_f64(),
+        booted.as_secs_f64()
+    );
+    assert!(log.contains(&format!(
+        "downloading http://10.0.2.2:{port}/{STEM}.pxe/SHA256SUMS"
+    )));
+    assert!(log.contains("signature good"));
+    assert_installed_system(&log);
 }
