@@ -322,9 +322,9 @@ fn setup_system() -> Result<()> {
             }
         }
     }
-    load_extra_modules();
     let udevd = "/usr/lib/systemd/systemd-udevd";
-    if Path::new(udevd).is_file() {
+    let udev = Path::new(udevd).is_file();
+    if udev {
         run_tool(udevd, &["--daemon", "--resolve-names=never"])?;
         run_tool(
             "/usr/bin/udevadm",
@@ -338,15 +338,20 @@ fn setup_system() -> Result<()> {
     } else {
         say("no systemd-udevd in the initrd: relying on built-in drivers");
     }
+    // After udev: the extra modules depend on ones udev loaded (virtio, virtio_ring).
+    if load_extra_modules() && udev {
+        run_tool("/usr/bin/udevadm", &["settle", "--timeout=60"])?;
+    }
     Ok(())
 }
 
 /// Loads `MODULES_DIR/*.ko` in the order listed in `MODULES_DIR/order` (best effort:
-/// a module that is built in or already loaded fails harmlessly).
-fn load_extra_modules() {
+/// a module that is built in or already loaded fails harmlessly). Returns whether there
+/// was a list.
+fn load_extra_modules() -> bool {
     let order = Path::new(MODULES_DIR).join("order");
     let Ok(text) = fs::read_to_string(&order) else {
-        return;
+        return false;
     };
     for name in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = Path::new(MODULES_DIR).join(name);
@@ -360,6 +365,7 @@ fn load_extra_modules() {
             say(&format!("loading {}: {e} (continuing)", path.display()));
         }
     }
+    true
 }
 
 /// DHCP on the first Ethernet interface with the initrd's klibc `ipconfig`.
