@@ -249,6 +249,28 @@ mod tests {
         assert!(e.to_string().contains("is a partition"), "{e}");
     }
 
+    /// Read-only: on the real /sys and /proc of the test host, the disk holding `/` is
+    /// refused (skipped where `/` is not on a block device, e.g. in a container).
+    #[test]
+    fn this_hosts_root_disk_is_refused() {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mounts = target::parse_mountinfo(&mountinfo);
+        let root = mounts.iter().find(|m| m.mount_point == "/").unwrap();
+        let sys = Path::new("/sys");
+        let link = sys.join(format!("dev/block/{}:{}", root.dev.0, root.dev.1));
+        let Ok(mut dir) = fs::canonicalize(&link) else {
+            eprintln!("skipping: / is not on a block device");
+            return;
+        };
+        if dir.join("partition").is_file() {
+            dir.pop();
+        }
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let dev = target::read_block_device(sys, &name).unwrap();
+        let err = target::check_target(&dev, &mounts, 1, false).unwrap_err();
+        assert!(matches!(err, target::Refusal::HoldsRoot { .. }), "{err}");
+    }
+
     #[test]
     fn files_and_missing_paths_are_file_targets() {
         let t = tempfile::tempdir().unwrap();

@@ -233,6 +233,48 @@ fn iso_refuses_a_disk_smaller_than_the_image() {
     assert!(all_zero(&disk), "the refused disk was written to");
 }
 
+#[test]
+#[ignore = "VM tier: boots the installer ISO written to a (virtual) USB stick"]
+fn iso_dd_to_a_usb_stick_boots_and_never_offers_itself_as_target() {
+    let iso = iso();
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    blank_disk(&disk, "4G");
+    let mut cfg = VmConfig::uefi("iso-usb", imgqemu::firmware().unwrap(), &disk);
+    cfg.snapshot = false;
+    cfg.disk_format = Some(imgqemu::DiskFormat::Raw);
+    cfg.memory_mib = 2048;
+    cfg.network = None;
+    cfg.serial_log = Some(e2e_dir("install").join("iso-usb.serial.log"));
+    // The ISO file as a USB mass-storage disk: what `dd if=X.iso of=/dev/sdX` makes.
+    cfg.extra_args = vec![
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=usb0,format=raw,readonly=on",
+            iso.display()
+        )
+        .into(),
+        "-device".into(),
+        "qemu-xhci,id=xhci".into(),
+        "-device".into(),
+        "usb-storage,bus=xhci.0,drive=usb0,removable=on,bootindex=1".into(),
+    ];
+    let vm = Vm::start(&cfg).unwrap();
+    let t0 = Instant::now();
+    wait(&vm, "Type yes and Enter", 600);
+    let log = vm.serial_log();
+    vm.kill().unwrap();
+    eprintln!(
+        "USB: installer prompt after {:.0}s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        log.contains("install onto /dev/vda (4096 MiB)?"),
+        "the blank disk is the only candidate"
+    );
+    assert!(all_zero(&disk), "nothing written before the answer");
+}
+
 /// A static file server for the PXE test, on 127.0.0.1 only (the guest reaches it as
 /// 10.0.2.2 through QEMU's user-mode network). One connection at a time, no keep-alive.
 fn serve_http(root: PathBuf) -> u16 {
