@@ -154,6 +154,11 @@ pub fn flash(args: &FlashArgs, quiet: bool) -> Result<()> {
         );
     }
     // 2. the target.
+    if let (Ok(a), Ok(b)) = (fs::metadata(&args.image), fs::metadata(&args.device)) {
+        if a.dev() == b.dev() && a.ino() == b.ino() {
+            bail!("refusing {}: it is the image itself", args.device.display());
+        }
+    }
     let target = classify(Path::new("/sys"), &args.device)?;
     if let Target::Disk(dev) = &target {
         let mountinfo =

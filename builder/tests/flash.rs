@@ -120,6 +120,24 @@ fn unsigned_or_wrongly_signed_images_are_refused() {
 }
 
 #[test]
+fn the_image_itself_is_never_a_target() {
+    let f = fixture(true);
+    let before = sha256(&f.image);
+    let link = f.image.with_file_name("alias.raw");
+    fs::hard_link(&f.image, &link).unwrap();
+    let err = flash(
+        &FlashArgs {
+            device: link,
+            ..args(&f)
+        },
+        true,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("the image itself"), "{err:#}");
+    assert_eq!(sha256(&f.image), before);
+}
+
+#[test]
 fn qcow2_is_refused_with_a_hint() {
     let f = fixture(true);
     let mut img = fs::read(&f.image).unwrap();
