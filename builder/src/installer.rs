@@ -262,6 +262,9 @@ pub struct InitrdSpec<'a> {
     pub embed_payload: bool,
     /// Extra modules `(name, bytes)` loaded in order before udev starts (PXE: NIC).
     pub modules: Vec<(String, Vec<u8>)>,
+    /// Other files `(path in the initramfs, mode, bytes)`; parent directories are
+    /// created (PXE: `brd.ko` and `blockdev` for diskless boots).
+    pub extra_files: Vec<(String, u32, Vec<u8>)>,
     pub epoch: i64,
 }
 
@@ -303,6 +306,15 @@ pub fn write_installer_initrd(spec: &InitrdSpec, out: &Path) -> Result<()> {
         }
         c.bytes("imgbuild/modules/order", 0o644, order.as_bytes())?;
     }
+    let mut made_dirs = std::collections::BTreeSet::new();
+    for (path, mode, bytes) in &spec.extra_files {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            if parent != "imgbuild" && made_dirs.insert(parent.to_owned()) {
+                c.dir(parent)?;
+            }
+        }
+        c.bytes(path, *mode, bytes)?;
+    }
     if spec.embed_payload {
         c.dir("imgbuild/payload")?;
         for f in spec.payload.files() {
@@ -340,10 +352,12 @@ pub struct MediaInputs {
     pub key: PathBuf,
 }
 
-/// The kernel command line of the installer: `rdinit=` plus the recipe's `console=`
+/// The kernel command line of the installer: `rdinit=`, `ro`, the recipe's `console=`
 /// words (or serial and screen when it has none), plus `extra` (our own words only).
 pub fn installer_cmdline(recipe_cmdline: &str, extra: &[&str]) -> String {
-    let mut words: Vec<&str> = vec!["rdinit=/imgbuild-install"];
+    // `ro`: a diskless boot hands this command line to the image's systemd, which must
+    // keep the root read-only as on an installed disk.
+    let mut words: Vec<&str> = vec!["rdinit=/imgbuild-install", "ro"];
     let consoles: Vec<&str> = recipe_cmdline
         .split_whitespace()
         .filter(|w| w.starts_with("console="))
@@ -419,7 +433,7 @@ mod tests {
                 "console=ttyS0,115200 root=/dev/x quiet",
                 &["imgbuild.install=auto"]
             ),
-            "rdinit=/imgbuild-install console=ttyS0,115200 imgbuild.install=auto"
+            "rdinit=/imgbuild-install ro console=ttyS0,115200 imgbuild.install=auto"
         );
         assert!(installer_cmdline("quiet", &[]).contains("console=tty0 console=ttyS0,115200"));
     }

@@ -196,6 +196,7 @@ pub fn build_iso(inputs: &MediaInputs, work: &Path, out: &Path) -> Result<PathBu
             payload: &payload,
             embed_payload: true,
             modules: Vec::new(),
+            extra_files: Vec::new(),
             epoch: inputs.epoch,
         },
         &initrd,

@@ -27,6 +27,9 @@ pub const PXE_MODULES: &[&str] = &[
     "kernel/drivers/net/virtio_net.ko",
 ];
 
+/// The RAM disk driver used by diskless boots, relative to `/usr/lib/modules/KVER/`.
+pub const BRD_MODULE: &str = "kernel/drivers/block/brd.ko";
+
 /// The kernel version directories under `/usr/lib/modules` of the image.
 pub fn kernel_versions(root_ext4: &Path) -> Result<Vec<String>> {
     let out = std::process::Command::new("debugfs")
@@ -57,6 +60,8 @@ pub fn ipxe_script(stem: &str, cmdline: &str) -> String {
          #   chain ${{base}}boot.ipxe\n\
          # Extra installer options (default: install onto the only disk, unattended):\n\
          #   set imgbuild-args imgbuild.install=/dev/sda\n\
+         # or run from RAM without touching any disk:\n\
+         #   set imgbuild-args imgbuild.diskless\n\
          isset ${{base}} || goto nobase\n\
          isset ${{imgbuild-args}} || set imgbuild-args imgbuild.install=auto\n\
          kernel ${{base}}vmlinuz initrd=initrd.img {cmdline} imgbuild.url=${{base}} ${{imgbuild-args}}\n\
@@ -92,6 +97,23 @@ pub fn build_pxe(inputs: &MediaInputs, work: &Path, out: &Path) -> Result<PathBu
         let name = m.rsplit('/').next().unwrap_or(m).to_owned();
         modules.push((name, bytes));
     }
+    // Diskless boots (`imgbuild.diskless`): a RAM disk driver and `blockdev` to re-read
+    // its partition table, both from the image.
+    let extra_files = vec![
+        (
+            "imgbuild/brd.ko".to_owned(),
+            0o644,
+            installer::read_from_ext4(
+                &inputs.root_ext4,
+                &format!("/usr/lib/modules/{kver}/{BRD_MODULE}"),
+            )?,
+        ),
+        (
+            "imgbuild/bin/blockdev".to_owned(),
+            0o755,
+            installer::read_from_ext4(&inputs.root_ext4, "/usr/sbin/blockdev")?,
+        ),
+    ];
     let installer_bin = installer::installer_binary()?;
     installer::write_installer_initrd(
         &InitrdSpec {
@@ -101,6 +123,7 @@ pub fn build_pxe(inputs: &MediaInputs, work: &Path, out: &Path) -> Result<PathBu
             payload: &payload,
             embed_payload: false,
             modules,
+            extra_files,
             epoch: inputs.epoch,
         },
         &partial.join("initrd.img"),

@@ -39,6 +39,10 @@ pub const PAYLOAD_DIR: &str = "/imgbuild/payload";
 pub const PUBKEY_PATH: &str = "/imgbuild/pubkey";
 /// Extra kernel modules (`*.ko`) the builder added, loaded in the order of `order`.
 pub const MODULES_DIR: &str = "/imgbuild/modules";
+/// `blockdev` from the image (PXE initrds): re-reads a RAM disk's partition table.
+pub const BLOCKDEV_PATH: &str = "/imgbuild/bin/blockdev";
+/// The image's `brd` (RAM disk) module (PXE initrds), loaded only for `imgbuild.diskless`.
+pub const BRD_MODULE: &str = "/imgbuild/brd.ko";
 /// Prefix of every console line, so logs and tests can find them.
 pub const TAG: &str = "imgbuild-install:";
 
@@ -63,6 +67,8 @@ pub struct Options {
     pub pubkey_sha256: Option<String>,
     /// `imgbuild.noreboot`: power off instead of rebooting when done.
     pub poweroff: bool,
+    /// `imgbuild.diskless`: write the image to a RAM disk and boot slot A from it.
+    pub diskless: bool,
 }
 
 /// Parses `/proc/cmdline`. Unknown words are ignored (they belong to the kernel).
@@ -72,6 +78,7 @@ pub fn parse_cmdline(text: &str) -> Options {
         url: None,
         pubkey_sha256: None,
         poweroff: false,
+        diskless: false,
     };
     for word in text.split_whitespace() {
         match word.split_once('=') {
@@ -82,6 +89,7 @@ pub fn parse_cmdline(text: &str) -> Options {
             Some(("imgbuild.url", url)) => o.url = Some(url.to_owned()),
             Some(("imgbuild.pubkey-sha256", h)) => o.pubkey_sha256 = Some(h.to_ascii_lowercase()),
             None if word == "imgbuild.noreboot" => o.poweroff = true,
+            None if word == "imgbuild.diskless" => o.diskless = true,
             _ => {}
         }
     }
@@ -243,6 +251,11 @@ pub fn fetch_payload(url: &str, dir: &Path, key_text: &str) -> Result<()> {
 pub fn install(payload: &Payload, dev: &BlockDevice, mountinfo: &str) -> Result<()> {
     let mounts = target::parse_mountinfo(mountinfo);
     target::check_target(dev, &mounts, payload.image_len, false)?;
+    install_with(payload, dev, false)
+}
+
+/// Writes the verified payload to `dev` (no refusal checks: the caller made them).
+fn install_with(payload: &Payload, dev: &BlockDevice, skip_zeros: bool) -> Result<()> {
     let path = dev.dev_path();
     say(&format!(
         "writing {} ({} MiB) to {}",
@@ -278,11 +291,12 @@ pub fn install(payload: &Payload, dev: &BlockDevice, mountinfo: &str) -> Result<
             last = (phase, pct);
         }
     };
-    write::write_image(
+    write::write_image_with(
         decoder,
         &mut target,
         total,
         &payload.image_sha256,
+        skip_zeros,
         &mut report,
     )
     .with_context(|| format!("writing {}", path.display()))?;
@@ -419,6 +433,9 @@ fn install_from_cmdline(opts: &Options) -> Result<()> {
         payload.image_len / MIB,
         payload.image_sha256
     ));
+    if opts.diskless {
+        return run_diskless(&payload);
+    }
     let sys = Path::new("/sys");
     let candidates: Vec<BlockDevice> = target::list_disks(sys)
         .context("listing disks in /sys/block")?
@@ -432,6 +449,85 @@ fn install_from_cmdline(opts: &Options) -> Result<()> {
         Some(r) => anyhow!("{r}; nothing was written"),
         None => e,
     })
+}
+
+/// udev rules giving the diskless RAM disk's partitions their `by-partlabel` links.
+pub const RAMDISK_RULES: &str = "\
+# Written by imgbuild-install (diskless): 60-persistent-storage.rules skips ram* devices.
+SUBSYSTEM==\"block\", KERNEL==\"ram0p[0-9]*\", IMPORT{builtin}=\"blkid\"
+SUBSYSTEM==\"block\", KERNEL==\"ram0p[0-9]*\", ENV{ID_PART_ENTRY_NAME}==\"?*\", SYMLINK+=\"disk/by-partlabel/$env{ID_PART_ENTRY_NAME}\"
+";
+const RAMDISK_RULES_PATH: &str = "/run/udev/rules.d/61-imgbuild-ramdisk.rules";
+
+/// Diskless: the verified disk image goes onto a RAM disk (`brd`, sized to the image,
+/// zero blocks skipped so only used space takes memory), written and checked exactly
+/// like a real disk; then slot A of that RAM disk becomes the root and the image's own
+/// init starts. Its fstab finds `var` and the ESP on the RAM disk by partition label, so
+/// no disk of the machine may carry another imgbuild installation (labels would clash).
+/// Returns only on failure.
+fn run_diskless(payload: &Payload) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    use std::os::unix::process::CommandExt;
+    // udev's persistent-storage rules skip RAM disks, so the image would never see
+    // /dev/disk/by-partlabel/var. A rule in /run (which becomes the system's /run) adds
+    // the partition-label links for the RAM disk, in the initrd and after switch-root.
+    fs::create_dir_all("/run/udev/rules.d").context("creating /run/udev/rules.d")?;
+    fs::write(RAMDISK_RULES_PATH, RAMDISK_RULES)
+        .with_context(|| format!("writing {RAMDISK_RULES_PATH}"))?;
+    run_tool("/usr/bin/udevadm", &["control", "--reload"])?;
+    let kib = payload.image_len.div_ceil(1024);
+    let params = std::ffi::CString::new(format!("rd_nr=1 rd_size={kib} max_part=15"))
+        .context("brd parameters")?;
+    let brd = fs::File::open(BRD_MODULE).with_context(|| format!("opening {BRD_MODULE}"))?;
+    nix::kmod::finit_module(&brd, &params, nix::kmod::ModuleInitFlags::empty())
+        .with_context(|| format!("loading {BRD_MODULE} with {params:?}"))?;
+    run_tool("/usr/bin/udevadm", &["settle", "--timeout=60"])?;
+    let ram = BlockDevice {
+        name: "ram0".into(),
+        dev: (0, 0),
+        size: kib * 1024,
+        removable: false,
+        read_only: false,
+        partitions: Vec::new(),
+    };
+    say(&format!(
+        "diskless: writing the image to /dev/ram0 ({} MiB of RAM at most)",
+        kib / 1024
+    ));
+    install_with(payload, &ram, true)?;
+    run_tool(BLOCKDEV_PATH, &["--rereadpt", "/dev/ram0"])?;
+    run_tool("/usr/bin/udevadm", &["settle", "--timeout=60"])?;
+    let uevent = fs::read_to_string("/sys/class/block/ram0p2/uevent")
+        .context("reading /sys/class/block/ram0p2/uevent: the RAM disk has no partition 2")?;
+    if !uevent.lines().any(|l| l == "PARTNAME=root-a") {
+        bail!("/dev/ram0p2 is not labelled root-a");
+    }
+    fs::create_dir_all("/root").context("creating /root")?;
+    mount(
+        Some("/dev/ram0p2"),
+        "/root",
+        Some("ext4"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .context("mounting /dev/ram0p2 (root-a) on /root")?;
+    let _ = run_tool("/usr/bin/udevadm", &["control", "--exit"]);
+    for dir in ["/dev", "/proc", "/sys", "/run"] {
+        let to = format!("/root{dir}");
+        mount(
+            Some(dir),
+            to.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .with_context(|| format!("moving {dir} to {to}"))?;
+    }
+    say("diskless: starting the image's init from /dev/ram0p2 (root-a)");
+    let err = Command::new("/usr/bin/run-init")
+        .args(["/root", "/sbin/init"])
+        .exec();
+    Err(anyhow!("starting /usr/bin/run-init: {err}"))
 }
 
 /// Entry point of `/imgbuild-install` as PID 1. Never returns.
@@ -479,6 +575,7 @@ mod tests {
         );
         assert_eq!(o.target, TargetChoice::Device("/dev/vda".into()));
         assert_eq!(o.url, None);
+        assert!(parse_cmdline("imgbuild.diskless").diskless);
         let o = parse_cmdline("imgbuild.install=auto imgbuild.url=http://10.0.2.2:8000/p/ imgbuild.pubkey-sha256=AB imgbuild.noreboot");
         assert_eq!(o.target, TargetChoice::Auto);
         assert_eq!(o.url.as_deref(), Some("http://10.0.2.2:8000/p/"));

@@ -88,10 +88,24 @@ pub fn target_len(target: &mut File) -> io::Result<u64> {
 /// `expected`: wipe old tables, stream from 1 MiB on, compare the hash, write the first
 /// MiB, fsync, read back and compare again.
 pub fn write_image(
+    src: impl Read,
+    target: &mut File,
+    image_len: u64,
+    expected: &str,
+    progress: &mut dyn FnMut(Phase, u64),
+) -> Result<(), WriteError> {
+    write_image_with(src, target, image_len, expected, false, progress)
+}
+
+/// [`write_image`], optionally skipping blocks that are all zeros (`skip_zeros`): only
+/// for a target known to read zeros where nothing was written, such as a fresh RAM disk
+/// (`brd` allocates memory only for written pages).
+pub fn write_image_with(
     mut src: impl Read,
     target: &mut File,
     image_len: u64,
     expected: &str,
+    skip_zeros: bool,
     progress: &mut dyn FnMut(Phase, u64),
 ) -> Result<(), WriteError> {
     if image_len < HEAD {
@@ -145,9 +159,15 @@ pub fn write_image(
             });
         }
         hash.update(&buf[..n]);
-        target
-            .write_all(&buf[..n])
-            .map_err(io_err("writing the target"))?;
+        if skip_zeros && buf[..n].iter().all(|&b| b == 0) {
+            target
+                .seek(SeekFrom::Current(n as i64))
+                .map_err(io_err("seeking the target"))?;
+        } else {
+            target
+                .write_all(&buf[..n])
+                .map_err(io_err("writing the target"))?;
+        }
         progress(Phase::Write, done);
     }
     if done != image_len {
@@ -256,6 +276,30 @@ mod tests {
             .map(|s| s.1)
             .collect();
         assert!(writes.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn skipping_zero_blocks_still_verifies_the_whole_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = image(12 * MIB as usize);
+        img[5 * MIB as usize..9 * MIB as usize].fill(0);
+        let path = dir.path().join("ram");
+        fs::write(&path, vec![0u8; 12 * MIB as usize]).unwrap();
+        let mut t = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        write_image_with(
+            &img[..],
+            &mut t,
+            img.len() as u64,
+            &sha(&img),
+            true,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(fs::read(&path).unwrap(), img);
     }
 
     #[test]

@@ -315,54 +315,72 @@ fn serve_http(root: PathBuf) -> u16 {
     port
 }
 
-#[test]
-#[ignore = "VM tier: network-boots the installer with iPXE (TFTP + HTTP), installs and boots the disk"]
-fn pxe_installs_over_http_and_reboots_into_the_disk() {
-    installer_binary();
-    let work = e2e_dir("install-pxe");
-    let _ = fs::remove_dir_all(&work);
-    fs::create_dir_all(&work).unwrap();
-    let served = work.join("http");
-    let pxe = served.join(format!("{STEM}.pxe"));
-    let started = Instant::now();
-    imgbuild::pxe::build_pxe(&inputs(&work), &work.join("media"), &pxe).expect("build PXE");
-    eprintln!(
-        "PXE directory built in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    for f in [
-        "vmlinuz",
-        "initrd.img",
-        "boot.ipxe",
-        "SHA256SUMS",
-        "SHA256SUMS.sig",
-    ] {
-        assert!(pxe.join(f).is_file(), "{f} missing");
-    }
-    let port = serve_http(served);
-    let tftp = work.join("tftp");
+/// The PXE directory, built once per test process, under `e2e/install-pxe/http/`.
+fn pxe_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        installer_binary();
+        let work = e2e_dir("install-pxe");
+        let _ = fs::remove_dir_all(&work);
+        fs::create_dir_all(&work).unwrap();
+        let pxe = work.join("http").join(format!("{STEM}.pxe"));
+        let started = Instant::now();
+        imgbuild::pxe::build_pxe(&inputs(&work), &work.join("media"), &pxe).expect("build PXE");
+        eprintln!(
+            "PXE directory built in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+        for f in [
+            "vmlinuz",
+            "initrd.img",
+            "boot.ipxe",
+            "SHA256SUMS",
+            "SHA256SUMS.sig",
+        ] {
+            assert!(pxe.join(f).is_file(), "{f} missing");
+        }
+        pxe
+    })
+}
+
+/// A VM that network-boots `boot.ipxe` from an HTTP server on 127.0.0.1, through a
+/// TFTP-served start script that sets `${base}` (and `${imgbuild-args}` if given).
+fn pxe_vm(name: &str, disk: Option<&Path>, args: Option<&str>, memory_mib: u32) -> (Vm, u16) {
+    let pxe = pxe_dir();
+    let port = serve_http(pxe.parent().unwrap().to_path_buf());
+    let tftp = e2e_dir("install-pxe").join(format!("tftp-{name}"));
     fs::create_dir_all(&tftp).unwrap();
+    let extra = args
+        .map(|a| format!("set imgbuild-args {a}\n"))
+        .unwrap_or_default();
     fs::write(
         tftp.join("start.ipxe"),
-        format!("#!ipxe\nset base http://10.0.2.2:{port}/{STEM}.pxe/\nchain ${{base}}boot.ipxe\n"),
+        format!("#!ipxe\nset base http://10.0.2.2:{port}/{STEM}.pxe/\n{extra}chain ${{base}}boot.ipxe\n"),
     )
     .unwrap();
-
-    let disk = work.join("disk.raw");
-    blank_disk(&disk, "4G");
-    let mut cfg = VmConfig::uefi("pxe-install", imgqemu::firmware().unwrap(), &disk);
+    let mut cfg = VmConfig::uefi(name, imgqemu::firmware().unwrap(), "unused");
+    cfg.disk = disk.map(Path::to_path_buf);
     cfg.snapshot = false;
     cfg.disk_format = Some(imgqemu::DiskFormat::Raw);
-    cfg.memory_mib = 2048;
+    cfg.memory_mib = memory_mib;
     cfg.network = None;
-    cfg.serial_log = Some(work.join("pxe-install.serial.log"));
+    cfg.serial_log = Some(e2e_dir("install-pxe").join(format!("{name}.serial.log")));
     cfg.extra_args = vec![
         "-netdev".into(),
         format!("user,id=pxe0,tftp={},bootfile=start.ipxe", tftp.display()).into(),
         "-device".into(),
         "virtio-net-pci,netdev=pxe0,bootindex=1,romfile=/usr/lib/ipxe/qemu/efi-virtio.rom".into(),
     ];
-    let vm = Vm::start(&cfg).unwrap();
+    (Vm::start(&cfg).unwrap(), port)
+}
+
+#[test]
+#[ignore = "VM tier: network-boots the installer with iPXE (TFTP + HTTP), installs and boots the disk"]
+fn pxe_installs_over_http_and_reboots_into_the_disk() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    blank_disk(&disk, "4G");
+    let (vm, port) = pxe_vm("pxe-install", Some(&disk), None, 2048);
     let t0 = Instant::now();
     wait(&vm, "imgbuild live installer starting", 600);
     let kernel = t0.elapsed();
@@ -383,4 +401,37 @@ fn pxe_installs_over_http_and_reboots_into_the_disk() {
     )));
     assert!(log.contains("signature good"));
     assert_installed_system(&log);
+}
+
+#[test]
+#[ignore = "VM tier: network-boots a diskless node: the verified image runs from a RAM disk"]
+fn pxe_diskless_runs_the_image_from_ram() {
+    let (vm, _) = pxe_vm("pxe-diskless", None, Some("imgbuild.diskless"), 3072);
+    let t0 = Instant::now();
+    wait(&vm, "diskless: starting the image's init", 1800);
+    let switched = t0.elapsed();
+    wait(&vm, "imgbuild-report: end", 900);
+    let booted = t0.elapsed();
+    let log = vm.serial_log();
+    vm.kill().unwrap();
+    eprintln!(
+        "PXE diskless: init started after {:.0}s, boot report after {:.0}s",
+        switched.as_secs_f64(),
+        booted.as_secs_f64()
+    );
+    assert!(log.contains("signature good"));
+    let r = parse_boot_report(&log).unwrap();
+    assert_eq!(r.get("root"), Some("/dev/ram0p2"), "{r:?}");
+    assert_eq!(r.get("partlabel"), Some("root-a"), "{r:?}");
+    assert_eq!(r.get("version"), Some("1.0.0"));
+    assert_eq!(r.state, "running", "failed units: {:?}", r.failed);
+    let opts = r.get("options").unwrap_or_default();
+    assert!(
+        opts.split(',').any(|o| o == "ro"),
+        "root mount options {opts}"
+    );
+    assert!(
+        r.get("var").is_some_and(|v| v.starts_with("/dev/ram0p")),
+        "var comes from the RAM disk: {r:?}"
+    );
 }
