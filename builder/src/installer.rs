@@ -11,7 +11,7 @@
 //! a shell string: every tool gets an argument vector.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -328,9 +328,9 @@ pub fn write_installer_initrd(spec: &InitrdSpec, out: &Path) -> Result<()> {
     let mut w = c.finish()?;
     w.flush()
         .with_context(|| format!("writing {}", out.display()))?;
-    w.get_mut()
-        .seek(SeekFrom::End(0))
-        .with_context(|| format!("writing {}", out.display()))?;
+    w.get_ref()
+        .sync_all()
+        .with_context(|| format!("syncing {}", out.display()))?;
     Ok(())
 }
 
