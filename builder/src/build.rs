@@ -99,6 +99,10 @@ pub struct OutputNames {
     pub initrd: PathBuf,
     pub manifest: PathBuf,
     pub sums: PathBuf,
+    /// `formats = ["iso"]`: the installer ISO.
+    pub iso: PathBuf,
+    /// `formats = ["pxe"]`: the network-boot directory.
+    pub pxe: PathBuf,
 }
 
 impl OutputNames {
@@ -111,6 +115,8 @@ impl OutputNames {
             initrd: dir.join(format!("{stem}.initrd")),
             manifest: dir.join(format!("{stem}.manifest.json")),
             sums: dir.join("SHA256SUMS"),
+            iso: dir.join(format!("{stem}.iso")),
+            pxe: dir.join(format!("{stem}.pxe")),
         }
     }
 }
@@ -123,6 +129,14 @@ pub fn build(args: &BuildArgs, progress: &Progress) -> Result<BuildReport> {
         .source_date_epoch
         .or(recipe.image.source_date_epoch)
         .unwrap_or(DEFAULT_EPOCH);
+    let wants_media =
+        recipe.formats.contains(&Format::Iso) || recipe.formats.contains(&Format::Pxe);
+    if wants_media && args.key.is_none() {
+        bail!(
+            "{} asks for iso/pxe output: build with --key KEY, the installer refuses unsigned payloads",
+            recipe.path.display()
+        );
+    }
     preflight(&recipe)?;
     if let Some(key) = &args.key {
         imgchannel::keys::load_signing_key(key)
@@ -272,12 +286,48 @@ fn run_steps(
     made.push(names.kernel.clone());
     copy_output(&composed.initrd, &names.initrd)?;
     made.push(names.initrd.clone());
+    if let (true, Some(key)) = (
+        recipe.formats.contains(&Format::Iso) || recipe.formats.contains(&Format::Pxe),
+        &args.key,
+    ) {
+        let media = crate::installer::MediaInputs {
+            stem: recipe.stem(),
+            title: recipe.image.pretty_name.clone(),
+            raw: names.raw.clone(),
+            root_ext4: names.root.clone(),
+            kernel: names.kernel.clone(),
+            initrd: names.initrd.clone(),
+            recipe_cmdline: recipe.kernel.cmdline.clone(),
+            epoch,
+            key: key.clone(),
+        };
+        if recipe.formats.contains(&Format::Iso) {
+            step.message("installer ISO (payload, initrd, EFI image, xorriso)");
+            crate::iso::build_iso(&media, &work.join("iso"), &names.iso)?;
+            made.push(names.iso.clone());
+        }
+        if recipe.formats.contains(&Format::Pxe) {
+            step.message("PXE directory (payload, initrd, boot.ipxe)");
+            crate::pxe::build_pxe(&media, &work.join("pxe"), &names.pxe)?;
+            let mut files: Vec<PathBuf> = fs::read_dir(&names.pxe)
+                .with_context(|| format!("listing {}", names.pxe.display()))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<std::io::Result<_>>()
+                .with_context(|| format!("listing {}", names.pxe.display()))?;
+            files.sort();
+            made.extend(files);
+        }
+    }
 
     let mut artifacts = Vec::new();
     for path in &made {
         step.message(&format!("sha256 {}", path.display()));
         artifacts.push(Artifact {
-            file: file_name(path),
+            // Relative to the output directory: `NAME.pxe/initrd.img` for PXE files.
+            file: path
+                .strip_prefix(names.sums.parent().unwrap_or(Path::new("")))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| file_name(path)),
             sha256: sha256_file(path)?,
             size: fs::metadata(path)
                 .with_context(|| format!("reading {}", path.display()))?
@@ -352,6 +402,12 @@ fn preflight(recipe: &Recipe) -> Result<()> {
     ];
     if recipe.formats.contains(&Format::Qcow2) {
         tools.push(("qemu-img", "qemu-utils"));
+    }
+    if recipe.formats.contains(&Format::Iso) {
+        tools.push(("xorriso", "xorriso"));
+    }
+    if recipe.formats.contains(&Format::Iso) || recipe.formats.contains(&Format::Pxe) {
+        tools.push(("debugfs", "e2fsprogs"));
     }
     for (tool, package) in tools {
         if find_in_path(tool).is_none() {
@@ -550,6 +606,34 @@ mod tests {
         )
         .unwrap();
         assert_ne!(derived_uuid(&r, "root-fs"), derived_uuid(&r2, "root-fs"));
+    }
+
+    #[test]
+    fn install_media_need_a_signing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("iso.toml");
+        fs::write(
+            &recipe,
+            "[image]\nname = \"x\"\nversion = \"1\"\n[output]\nformats = [\"iso\"]\n",
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        let err = build(
+            &BuildArgs {
+                recipe,
+                output: out.clone(),
+                cache_dir: dir.path().join("cache"),
+                source_date_epoch: None,
+                keep_work: false,
+                key: None,
+                mirror: None,
+                artifact_cache: dir.path().join("artifacts"),
+            },
+            &Progress::new(true),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--key"), "{err:#}");
+        assert!(!out.exists(), "refused before any work");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::build::BuildArgs;
 use crate::doctor::DoctorArgs;
+use crate::flash::FlashArgs;
 use crate::publish::PublishArgs;
 use crate::run::RunArgs;
 use imgchannel::cli::{
@@ -48,6 +49,8 @@ pub enum Command {
     Channel(ChannelCommand),
     /// Publish a built version into a channel, with chunk index and deltas.
     Publish(PublishArgs),
+    /// Write a signed raw image to a USB stick (or file): verify, write, read back.
+    Flash(FlashArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions {
         /// The shell.

@@ -41,6 +41,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Channel(ChannelCommand::Refresh(args)) => chancli::run_refresh(&args),
         Command::Channel(ChannelCommand::RotateRoot(args)) => chancli::run_rotate_root(&args),
         Command::Publish(args) => imgbuild::publish::publish(&args, &progress),
+        Command::Flash(args) => imgbuild::flash::flash(&args, cli.quiet),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

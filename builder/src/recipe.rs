@@ -409,6 +409,10 @@ pub struct DiskConfig {
 pub enum Format {
     Raw,
     Qcow2,
+    /// `NAME-VERSION.iso`: UEFI hybrid ISO with the live installer (needs `build --key`).
+    Iso,
+    /// `NAME-VERSION.pxe/`: kernel, installer initrd, signed payload, iPXE script (needs `build --key`).
+    Pxe,
 }
 
 impl Format {
@@ -416,6 +420,8 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Iso => "iso",
+            Format::Pxe => "pxe",
         }
     }
 }
@@ -1248,11 +1254,13 @@ impl Validator<'_> {
             let fmt = match f.get_ref().as_str() {
                 "raw" => Format::Raw,
                 "qcow2" => Format::Qcow2,
+                "iso" => Format::Iso,
+                "pxe" => Format::Pxe,
                 other => {
                     return Err(self.err(
                         f.span(),
                         &format!("output.formats[{i}]"),
-                        format!("{other:?} is not a known format: expected \"raw\" or \"qcow2\""),
+                        format!("{other:?} is not a known format: expected \"raw\", \"qcow2\", \"iso\" or \"pxe\""),
                     ))
                 }
             };
@@ -1501,6 +1509,17 @@ formats = ["qcow2"]
             "raw is always made"
         );
         assert_eq!(r.image.source_date_epoch, Some(1_700_000_000));
+    }
+
+    #[test]
+    fn install_media_formats() {
+        let r = parse(
+            "[image]\nname = \"x\"\nversion = \"1\"\n[output]\nformats = [\"pxe\", \"iso\"]\n",
+        )
+        .unwrap();
+        assert_eq!(r.formats, vec![Format::Raw, Format::Iso, Format::Pxe]);
+        assert_eq!(Format::Iso.to_string(), "iso");
+        assert_eq!(Format::Pxe.extension(), "pxe");
     }
 
     fn invalid(text: &str) -> RecipeError {
