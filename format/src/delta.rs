@@ -6,7 +6,7 @@
 //! and the caps below are normative. This module owns the codec and the applier over
 //! `Read`/`Write`/`Seek` traits only: it must never open files, fetch anything, decide
 //! which slot to write or make a slot bootable. The applier's memory is bounded by the
-//! caps (about 32 MiB worst case), whatever the image size; parsing never panics and every
+//! caps (about 36 MiB worst case), whatever the image size; parsing never panics and every
 //! malformed input is a typed [`DeltaError`].
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -48,6 +48,8 @@ const CONTROL_LEN: usize = 24;
 const IO_BUF: usize = 1 << 20;
 /// Piece size for patch application (the ref cache and the add/copy buffers).
 const PATCH_BUF: usize = 256 << 10;
+/// References up to this size are cached whole while their patch applies.
+const SMALL_REFERENCE: u64 = 4 << 20;
 
 /// The fixed header: which source the delta applies to and which target it produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -975,7 +977,7 @@ impl<'a, S: Read + Seek> Reference<'a, S> {
             extents,
             starts,
             len,
-            cache: Vec::with_capacity(PATCH_BUF),
+            cache: Vec::new(),
             cache_start: 0,
         }
     }
@@ -1000,8 +1002,16 @@ impl<'a, S: Read + Seek> Reference<'a, S> {
 
     fn fill(&mut self, pos: u64) -> io::Result<()> {
         self.cache.clear();
+        // A reference up to SMALL_REFERENCE bytes (most files) is read once, whole: bsdiff
+        // controls jump back and forth, and refilling a window on each jump re-reads it.
+        let pos = if self.len <= SMALL_REFERENCE { 0 } else { pos };
         self.cache_start = pos;
-        let want = (PATCH_BUF as u64).min(self.len - pos) as usize;
+        let window = if self.len <= SMALL_REFERENCE {
+            SMALL_REFERENCE
+        } else {
+            PATCH_BUF as u64
+        };
+        let want = window.min(self.len - pos) as usize;
         let mut i = match self.starts.binary_search(&pos) {
             Ok(i) => i,
             Err(i) => i - 1,

@@ -452,3 +452,47 @@ fn concurrent_verify_applies_and_reports_a_wrong_source() {
     );
     assert!(matches!(r, Err(DeltaError::Truncated { .. })), "{r:?}");
 }
+
+#[test]
+fn large_reference_with_back_and_forth_seeks() {
+    // Larger than SMALL_REFERENCE, so the windowed cache path runs.
+    let source = pseudo_random(5 << 20, 11);
+    let ext = [
+        Extent {
+            offset: 1 << 20,
+            len: 4 << 20,
+        },
+        Extent {
+            offset: 0,
+            len: 1 << 20,
+        },
+    ];
+    let mut reference = source[1 << 20..].to_vec();
+    reference.extend_from_slice(&source[..1 << 20]);
+    // Target: reference pieces at 4.5 MiB, 0, 2 MiB, with a few changed bytes.
+    let spans = [
+        (4_718_592usize, 300_000usize),
+        (0, 500_000),
+        (2 << 20, 700_000),
+    ];
+    let mut b = PatchBuilder::new(1).unwrap();
+    let mut target = Vec::new();
+    let mut pos: i64 = 0;
+    for (start, len) in spans {
+        let mut diff = vec![0u8; len];
+        diff[len / 2] = 1;
+        b.push(start as i64 - pos, &diff, b"x").unwrap();
+        let mut piece = reference[start..start + len].to_vec();
+        piece[len / 2] = piece[len / 2].wrapping_add(1);
+        target.extend_from_slice(&piece);
+        target.push(b'x');
+        pos = (start + len) as i64;
+    }
+    let patch = b.finish().unwrap();
+    let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
+    w.file_diff(&ext, target.len() as u64, &patch).unwrap();
+    let delta = w.finish().unwrap();
+    let mut out = Vec::new();
+    apply(io::Cursor::new(&source), &delta[..], &mut out).unwrap();
+    assert_eq!(out, target);
+}
