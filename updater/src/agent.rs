@@ -107,6 +107,25 @@ pub fn cluster_refusals(cfg: &Config) -> anyhow::Result<ClusterRefusals> {
     Ok(runtime()?.block_on(ClusterRefusals::fetch(lock.as_ref()))?)
 }
 
+/// The Kubernetes drainer when `[drain] kubernetes = true`.
+pub fn kube_drainer(cfg: &Config) -> anyhow::Result<Option<crate::kubedrain::KubeDrainer>> {
+    if !cfg.drain.kubernetes {
+        return Ok(None);
+    }
+    let kube = imgcoord::kube::KubeConfig::in_cluster()
+        .context("[drain] kubernetes = true needs the in-cluster service account")?;
+    let client =
+        imgcoord::kube::KubeClient::new(&kube).context("creating the Kubernetes client")?;
+    let node = match &cfg.drain.node_name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .context("reading the host name for [drain] node_name")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    Ok(Some(crate::kubedrain::KubeDrainer::new(client, node)))
+}
+
 /// Which part of the flow to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -123,13 +142,18 @@ pub fn run(cfg: &Config, phase: Phase) -> anyhow::Result<Outcome> {
     let updater = Updater::new(cfg.clone())?;
     let _guard = updater.lock()?;
     let lock = open_lock(cfg)?;
+    let kube_drainer = kube_drainer(cfg)?;
+    let drainer: &dyn crate::reboot::Drainer = match &kube_drainer {
+        Some(d) => d,
+        None => &NoDrain,
+    };
     let rebooter = SystemRebooter::default();
     let probe = SystemProbe::new(Systemctl::default());
     let driver = Driver {
         updater: &updater,
         lock: lock.as_ref(),
         node_id: node_id(cfg)?,
-        drainer: &NoDrain,
+        drainer,
         rebooter: &rebooter,
         probe: &probe,
         opts: RebootOptions {

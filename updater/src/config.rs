@@ -92,6 +92,22 @@ pub struct Config {
     /// Maintenance windows (`imgcoord::config::WindowConfig`); none: any time.
     #[serde(default)]
     pub window: imgcoord::config::WindowConfig,
+    /// Draining the node before a reboot; none: nothing to drain.
+    #[serde(default)]
+    pub drain: DrainConfig,
+}
+
+/// `[drain]`: `kubernetes = true` cordons and drains this node through the Kubernetes
+/// API (in-cluster service account credentials) before the reboot and uncordons it
+/// after a healthy boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DrainConfig {
+    #[serde(default)]
+    pub kubernetes: bool,
+    /// The node's name in the cluster. Default: the host name.
+    #[serde(default)]
+    pub node_name: Option<String>,
 }
 
 /// Where metrics go.
@@ -235,6 +251,19 @@ mod tests {
         let c = Config::parse(text, "config.toml.example").unwrap();
         assert_eq!(c.strategy, Strategy::Kexec);
         assert_eq!(c.metrics.listen.unwrap().to_string(), "127.0.0.1:9548");
+    }
+
+    #[test]
+    fn drain_section_parses_and_rejects_unknown_fields() {
+        let c = Config::parse(MINIMAL, "test").unwrap();
+        assert_eq!(c.drain, DrainConfig::default());
+        let text = format!("{MINIMAL}\n[drain]\nkubernetes = true\nnode_name = \"n1\"\n");
+        let c = Config::parse(&text, "test").unwrap();
+        assert!(c.drain.kubernetes);
+        assert_eq!(c.drain.node_name.as_deref(), Some("n1"));
+        let bad = format!("{MINIMAL}\n[drain]\nkubernets = true\n");
+        let err = Config::parse(&bad, "test").unwrap_err().to_string();
+        assert!(err.contains("kubernets"), "{err}");
     }
 
     #[test]

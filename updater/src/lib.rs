@@ -64,6 +64,7 @@ pub mod dbus;
 pub mod failpoint;
 pub mod fetch;
 pub mod install;
+pub mod kubedrain;
 pub mod metrics;
 pub mod reboot;
 pub mod slots;
