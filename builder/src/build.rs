@@ -430,12 +430,9 @@ fn preflight(recipe: &Recipe) -> Result<()> {
     Ok(())
 }
 
-/// Look a program up in PATH.
+/// Look an executable up in PATH.
 pub fn find_in_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
+    imgqemu::find_in_path(tool, &std::env::var_os("PATH")?)
 }
 
 /// UUID derived from the recipe (never random): same recipe, same UUID.
