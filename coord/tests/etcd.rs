@@ -3,82 +3,17 @@
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use imgcoord::lock::etcd::{EtcdLock, EtcdOptions};
 use imgcoord::lock::{LockError, NodeIdentity, RebootLock};
+use imgkubetest::{free_port, Etcd};
 
-/// A running etcd, killed on drop.
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// A real etcd on free 127.0.0.1 ports, killed on drop (shared with imgkubetest).
 async fn etcd() -> Etcd {
-    let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("/usr/bin/etcd")
-        .args(["--name", "test", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("test={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting /usr/bin/etcd");
-    let etcd = Etcd {
-        child,
-        url,
-        _dir: dir,
-    };
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = http
-            .post(format!("{}/v3/kv/range", etcd.url))
-            .body(r#"{"key":"AA=="}"#)
-            .send()
-            .await
-            .map(|r| r.status().is_success())
-            .unwrap_or(false);
-        if ok {
-            return etcd;
-        }
-        assert!(Instant::now() < deadline, "etcd did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    Etcd::start().await.expect("starting etcd")
 }
 
 fn lock(etcd: &Etcd, id: &str, slots: usize, ttl: Duration) -> EtcdLock {
@@ -303,7 +238,7 @@ async fn failed_releases_are_visible_to_all() {
 
 #[tokio::test]
 async fn unreachable_etcd_is_typed() {
-    let port = free_port();
+    let port = free_port().unwrap();
     let l = EtcdLock::new(
         &format!("http://127.0.0.1:{port}"),
         NodeIdentity {

@@ -10,6 +10,9 @@
 //!
 //! Missing binaries are an error ("run scripts/build-k8s"), never a silent skip.
 
+pub mod etcd;
+pub use etcd::Etcd;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

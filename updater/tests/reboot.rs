@@ -619,79 +619,9 @@ fn cli_check_refuses_a_version_failed_on_another_node() {
     assert_eq!(v["version"], NEW);
 }
 
-/// A real etcd (Debian's `/usr/bin/etcd`) on free 127.0.0.1 ports, killed on drop.
-struct Etcd {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn etcd() -> Etcd {
-    let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = std::process::Command::new("/usr/bin/etcd")
-        .args(["--name", "test", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("test={peer_url}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting /usr/bin/etcd");
-    let etcd = Etcd {
-        child,
-        url,
-        _dir: dir,
-    };
-    let probe = EtcdLock::new(
-        &etcd.url,
-        NodeIdentity {
-            id: "probe".into(),
-            group: "default".into(),
-        },
-        EtcdOptions {
-            slots: 1,
-            ttl: Duration::from_secs(60),
-            max_hold: Duration::from_secs(600),
-            request_timeout: Duration::from_secs(2),
-        },
-    )
-    .unwrap();
-    for _ in 0..300 {
-        if probe.holders().await.is_ok() {
-            return etcd;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("etcd did not come up");
+/// A real etcd on free 127.0.0.1 ports, killed on drop (shared with imgkubetest).
+async fn etcd() -> imgkubetest::Etcd {
+    imgkubetest::Etcd::start().await.expect("starting etcd")
 }
 
 #[test]
