@@ -70,6 +70,14 @@ pub fn compose(
 
     // Pinned artifacts first: a wrong digest stops the build before mmdebstrap runs.
     let fetched = artifacts::fetch_all(recipe, &opts.artifacts, &|m| step.message(m))?;
+    // The node updater's program and root are found before mmdebstrap runs, too.
+    let agent = match &recipe.update {
+        Some(section) => Some(
+            crate::agent::prepare(section)
+                .with_context(|| format!("[update] in {}", recipe.path.display()))?,
+        ),
+        None => None,
+    };
 
     let early = root.with_extension("early");
     if early.exists() {
@@ -108,7 +116,7 @@ pub fn compose(
     fs::remove_dir_all(&early).with_context(|| format!("removing {}", early.display()))?;
 
     step.message("configuring the image");
-    configure(recipe, root, &opts.log)?;
+    configure(recipe, agent.as_ref(), root, &opts.log)?;
     artifacts::install(root, &fetched)
         .with_context(|| format!("installing artifacts of {}", recipe.path.display()))?;
     let composed = find_kernel(root)?;
@@ -499,7 +507,12 @@ WantedBy=multi-user.target
 ";
 
 /// Configure the composed tree as an imgbuild image.
-fn configure(recipe: &Recipe, root: &Path, log: &Path) -> Result<()> {
+fn configure(
+    recipe: &Recipe,
+    agent: Option<&crate::agent::AgentPayload>,
+    root: &Path,
+    log: &Path,
+) -> Result<()> {
     // Identity.
     let os_release = resolve_in_root(root, "/usr/lib/os-release", true)?;
     let debian = fs::read_to_string(&os_release)
@@ -563,6 +576,12 @@ fn configure(recipe: &Recipe, root: &Path, log: &Path) -> Result<()> {
 
     // Units.
     let mut enable = recipe.systemd.enable.clone();
+    if let Some(agent) = agent {
+        let units = agent
+            .install(root)
+            .context("installing imgupdate ([update])")?;
+        enable.extend(units.iter().map(|u| u.to_string()));
+    }
     if recipe.systemd.boot_report {
         write_image_file(
             root,

@@ -89,6 +89,12 @@ pub const REQUIREMENTS: &[Requirement] = &[
     program("zstd", "zstd", "compress images and deltas", &["--version"]),
     program("xorriso", "xorriso", "write ISO images", &["-version"]),
     program(
+        "strip",
+        "binutils",
+        "strip imgupdate's debug information ([update])",
+        &["--version"],
+    ),
+    program(
         "qemu-img",
         "qemu-utils",
         "convert to qcow2, create disks",
@@ -363,8 +369,8 @@ mod tests {
         assert!(checks.iter().all(Check::is_missing));
         assert_eq!(
             apt_install_line(&checks).expect("something missing"),
-            "apt-get install -y mmdebstrap e2fsprogs fdisk zstd xorriso qemu-utils \
-             qemu-system-x86 ovmf systemd-boot-efi etcd-server dbus-daemon"
+            "apt-get install -y mmdebstrap e2fsprogs fdisk zstd xorriso binutils \
+             qemu-utils qemu-system-x86 ovmf systemd-boot-efi etcd-server dbus-daemon"
         );
     }
 
@@ -376,6 +382,7 @@ mod tests {
             "mmdebstrap",
             "zstd",
             "xorriso",
+            "strip",
             "qemu-img",
             "qemu-system-x86_64",
         ] {

@@ -55,12 +55,19 @@ impl Payload {
 }
 
 /// Finds the `imgbuild-install` binary: `$IMGBUILD_INSTALLER`, else next to the running
-/// executable (or one directory up, for test binaries in `target/*/deps`).
+/// executable.
 pub fn installer_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os(INSTALLER_ENV) {
+    companion_binary("imgbuild-install", INSTALLER_ENV, "imgbuild-installer")
+}
+
+/// Finds a program built with imgbuild that goes into images: `$ENV`, else `name` next
+/// to the running executable (or one directory up, for test binaries in
+/// `target/*/deps`). `package` names the cargo package that builds it, for the error.
+pub fn companion_binary(name: &str, env: &str, package: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            bail!("{INSTALLER_ENV}={} does not exist", p.display());
+            bail!("{env}={} does not exist", p.display());
         }
         return Ok(p);
     }
@@ -68,14 +75,14 @@ pub fn installer_binary() -> Result<PathBuf> {
     let mut dir = exe.parent().map(Path::to_path_buf);
     for _ in 0..2 {
         let Some(d) = dir else { break };
-        let candidate = d.join("imgbuild-install");
+        let candidate = d.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
         dir = d.parent().map(Path::to_path_buf);
     }
     bail!(
-        "imgbuild-install not found next to {} (build it with `cargo build -p imgbuild-installer`, or set {INSTALLER_ENV})",
+        "{name} not found next to {} (build it with `cargo build -p {package}`, or set {env})",
         exe.display()
     )
 }

@@ -2,6 +2,7 @@
 //!
 //! The binary is thin: `main.rs` parses arguments and calls one function per verb.
 
+pub mod agent;
 pub mod artifacts;
 pub mod build;
 pub mod cli;

@@ -192,8 +192,8 @@ impl Config {
         if self.channel_url.trim().is_empty() {
             return Err(invalid("channel_url", "must not be empty"));
         }
-        if self.check_interval_secs < 60 {
-            return Err(invalid("check_interval_secs", "must be at least 60"));
+        if self.check_interval_secs < 10 {
+            return Err(invalid("check_interval_secs", "must be at least 10"));
         }
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
