@@ -95,6 +95,11 @@ pub struct Config {
     /// Draining the node before a reboot; none: nothing to drain.
     #[serde(default)]
     pub drain: DrainConfig,
+    /// Take `node_id`, `channel_url` and the lock URL from SMBIOS OEM strings
+    /// (`io.imgbuild.update.*`, see [`crate::smbios`]): for VM fleets and test clusters
+    /// where the hypervisor is trusted. Off by default.
+    #[serde(default)]
+    pub smbios_overrides: bool,
 }
 
 /// `[drain]`: `kubernetes = true` cordons and drains this node through the Kubernetes

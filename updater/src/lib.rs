@@ -68,6 +68,7 @@ pub mod kubedrain;
 pub mod metrics;
 pub mod reboot;
 pub mod slots;
+pub mod smbios;
 pub mod stage;
 pub mod state;
 

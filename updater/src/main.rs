@@ -116,6 +116,12 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(d) = &cli.disk {
         cfg.disk = Some(d.clone());
     }
+    if cfg.smbios_overrides {
+        let strings =
+            imgupdate::smbios::oem_strings(std::path::Path::new(imgupdate::smbios::DMI_ENTRIES));
+        let applied = imgupdate::smbios::apply(&mut cfg, &strings);
+        tracing::debug!("SMBIOS overrides applied: {applied:?}");
+    }
     Ok(cfg)
 }
 
