@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::build::BuildArgs;
+use crate::cluster::cli::{DownArgs, LogsArgs, StatusArgs, UpArgs};
 use crate::doctor::DoctorArgs;
 use crate::flash::FlashArgs;
 use crate::publish::PublishArgs;
@@ -49,6 +50,9 @@ pub enum Command {
     Channel(ChannelCommand),
     /// Publish a built version into a channel, with chunk index and deltas.
     Publish(PublishArgs),
+    /// Test clusters: N QEMU nodes from one image, with the channel and a lock service.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Write a signed raw image to a USB stick (or file): verify, write, read back.
     Flash(FlashArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
@@ -78,4 +82,17 @@ pub enum ChannelCommand {
     Refresh(RefreshArgs),
     /// Rotate the root keys: a new root.json signed by the old and the new keys.
     RotateRoot(RotateRootArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Boot N nodes from one image, with the channel and a lock service on 127.0.0.1;
+    /// stays in the foreground until Ctrl-C, `cluster down` or --timeout.
+    Up(UpArgs),
+    /// Each node's running/staged version, updater state and lock holder.
+    Status(StatusArgs),
+    /// A node's serial console.
+    Logs(LogsArgs),
+    /// Stop a cluster's processes and remove its files.
+    Down(DownArgs),
 }

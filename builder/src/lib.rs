@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod build;
+pub mod cluster;
 pub mod cli;
 pub mod compose;
 pub mod delta;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
-use imgbuild::cli::{ChannelCommand, Cli, Command, KeysCommand};
+use imgbuild::cli::{ChannelCommand, Cli, ClusterCommand, Command, KeysCommand};
 use imgbuild::progress::Progress;
 use imgchannel::cli as chancli;
 
@@ -41,6 +41,10 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Channel(ChannelCommand::Refresh(args)) => chancli::run_refresh(&args),
         Command::Channel(ChannelCommand::RotateRoot(args)) => chancli::run_rotate_root(&args),
         Command::Publish(args) => imgbuild::publish::publish(&args, &progress),
+        Command::Cluster(ClusterCommand::Up(args)) => imgbuild::cluster::cli::up(&args, cli.quiet),
+        Command::Cluster(ClusterCommand::Status(args)) => imgbuild::cluster::cli::status(&args),
+        Command::Cluster(ClusterCommand::Logs(args)) => imgbuild::cluster::cli::logs(&args),
+        Command::Cluster(ClusterCommand::Down(args)) => imgbuild::cluster::cli::down(&args),
         Command::Flash(args) => imgbuild::flash::flash(&args, cli.quiet),
         Command::Completions { shell } => {
             clap_complete::generate(

@@ -7,6 +7,7 @@
 //! bytes to a caller before they verified. It knows nothing of disks, slots or deltas'
 //! contents: chunk indexes and deltas arrive as finished files.
 
+pub mod serve;
 pub mod artifact;
 pub mod channel;
 pub mod cli;

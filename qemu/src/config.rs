@@ -210,6 +210,10 @@ pub struct VmConfig {
     pub work_parent: Option<PathBuf>,
     /// Keep the work directory (vars copy, QMP socket, logs) after the VM is dropped.
     pub keep_work_dir: bool,
+    /// A variable store that outlives the VM (a node restarted after a power cut keeps
+    /// its boot entries): copied from the template when it does not exist yet, used as
+    /// it is otherwise. `None`: a fresh copy in the work directory.
+    pub vars_file: Option<PathBuf>,
     /// `None`: `qemu-system-x86_64` from `PATH`.
     pub qemu_binary: Option<PathBuf>,
     /// Appended verbatim after everything else, for what this struct does not model.
@@ -236,6 +240,7 @@ impl VmConfig {
             oem_strings: Vec::new(),
             work_parent: None,
             keep_work_dir: false,
+            vars_file: None,
             qemu_binary: None,
             extra_args: Vec::new(),
         }

@@ -173,14 +173,18 @@ impl Vm {
             .prefix(&format!("imgqemu-{}-", cfg.name))
             .tempdir_in(&parent)
             .with_context(|| format!("creating a work directory in {}", parent.display()))?;
-        let work = WorkPaths::new(tmp.path());
+        let mut work = WorkPaths::new(tmp.path());
+        if let Some(p) = &cfg.vars_file {
+            work.vars = p.clone();
+        }
         if work.qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
             bail!(
                 "QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter work_parent",
                 work.qmp_socket.display()
             );
         }
-        if let Firmware::Uefi(ovmf) = &cfg.firmware {
+        let keep_vars = cfg.vars_file.as_ref().is_some_and(|p| p.exists());
+        if let (Firmware::Uefi(ovmf), false) = (&cfg.firmware, keep_vars) {
             // A private copy: OVMF writes its variables (boot entries, BootOrder) here.
             fs::copy(&ovmf.vars_template, &work.vars).with_context(|| {
                 format!(
