@@ -5,8 +5,8 @@
 pub mod agent;
 pub mod artifacts;
 pub mod build;
-pub mod cluster;
 pub mod cli;
+pub mod cluster;
 pub mod compose;
 pub mod delta;
 pub mod disk;

@@ -7,11 +7,11 @@
 //! bytes to a caller before they verified. It knows nothing of disks, slots or deltas'
 //! contents: chunk indexes and deltas arrive as finished files.
 
-pub mod serve;
 pub mod artifact;
 pub mod channel;
 pub mod cli;
 pub mod keys;
+pub mod serve;
 
 pub use artifact::{sign_sums, verify_artifact, VerifyError};
 pub use channel::{

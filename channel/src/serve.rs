@@ -152,10 +152,7 @@ fn target(root: &Path, path: &str) -> Option<PathBuf> {
         return None;
     }
     let rel = Path::new(rel);
-    if !rel
-        .components()
-        .all(|c| matches!(c, Component::Normal(_)))
-    {
+    if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
         return None;
     }
     let full = root.join(rel).canonicalize().ok()?;
@@ -163,7 +160,9 @@ fn target(root: &Path, path: &str) -> Option<PathBuf> {
 }
 
 fn handle(stream: TcpStream, peer: SocketAddr, root: &Path, shared: &Shared) -> Option<Request> {
-    stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
     let mut reader = BufReader::new(stream.try_clone().ok()?);
     let mut first = String::new();
     reader.read_line(&mut first).ok()?;
@@ -191,7 +190,15 @@ fn handle(stream: TcpStream, peer: SocketAddr, root: &Path, shared: &Shared) -> 
         bytes: 0,
     };
     let mut out = stream;
-    let result = respond(&mut out, &method, &path, range.as_deref(), root, shared, &mut req);
+    let result = respond(
+        &mut out,
+        &method,
+        &path,
+        range.as_deref(),
+        root,
+        shared,
+        &mut req,
+    );
     if result.is_err() && req.status == 0 {
         req.status = 500;
     }
@@ -240,7 +247,10 @@ fn respond(
         end - start
     );
     if code == 206 {
-        head.push_str(&format!("Content-Range: bytes {start}-{}/{len}\r\n", end - 1));
+        head.push_str(&format!(
+            "Content-Range: bytes {start}-{}/{len}\r\n",
+            end - 1
+        ));
     }
     head.push_str("\r\n");
     out.write_all(head.as_bytes())?;
@@ -323,11 +333,20 @@ mod tests {
         let (code, body, _) = get(&url, "/targets/a.bin", Some("bytes=7-"));
         assert_eq!((code, body.as_slice()), (206, &b"789"[..]));
         assert_eq!(get(&url, "/targets/a.bin", Some("bytes=10-")).0, 416);
-        for bad in ["/../secret", "/link", "/targets/../../secret", "/targets", "/nope", "x"] {
+        for bad in [
+            "/../secret",
+            "/link",
+            "/targets/../../secret",
+            "/targets",
+            "/nope",
+            "x",
+        ] {
             assert_eq!(get(&url, bad, None).0, 404, "{bad}");
         }
         assert_eq!(srv.bytes_sent(), 10 + 3 + 3);
         let log = srv.requests();
-        assert!(log.iter().any(|r| r.status == 206 && r.range.as_deref() == Some("bytes=2-4")));
+        assert!(log
+            .iter()
+            .any(|r| r.status == 206 && r.range.as_deref() == Some("bytes=2-4")));
     }
 }

@@ -16,7 +16,9 @@ use tokio::time::Instant;
 /// What a check looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckKind {
-    /// `systemctl is-system-running` is `running` (not `degraded`, not starting).
+    /// `systemctl is-system-running` is `running`; or `starting` with no failed unit
+    /// while the only jobs left are the health gate's own ([`GATE_UNITS`]), which keep
+    /// the system `starting` until the gate finishes. Never `degraded`.
     SystemState,
     /// Every named unit is `active`.
     Units { units: Vec<String> },
@@ -231,6 +233,50 @@ pub trait SystemdSource: Send + Sync {
     async fn system_state(&self) -> Result<String, String>;
     /// The output of `systemctl is-active <unit>` (`active`, `failed`, ...).
     async fn unit_state(&self, unit: &str) -> Result<String, String>;
+    /// Units in the `failed` state.
+    async fn failed_units(&self) -> Result<Vec<String>, String>;
+    /// Units with a queued or running job.
+    async fn pending_jobs(&self) -> Result<Vec<String>, String>;
+}
+
+/// Units whose jobs may still run while the system counts as settled: the updater's
+/// health gate and the daemon (which checks health before it reports ready), and what
+/// waits on them by design.
+pub const GATE_UNITS: &[&str] = &[
+    "imgupdate-health.service",
+    "imgupdate.service",
+    "boot-complete.target",
+    "systemd-bless-boot.service",
+];
+
+/// The `system-state` verdict from what systemd says. Pure, so it is table-tested.
+pub fn system_settled(state: &str, failed: &[String], jobs: &[String]) -> Result<String, String> {
+    match state {
+        "running" => Ok(state.into()),
+        "starting" if !failed.is_empty() => Err(format!("failed units: {}", failed.join(", "))),
+        "starting" => {
+            let others: Vec<&str> = jobs
+                .iter()
+                .map(String::as_str)
+                .filter(|j| !GATE_UNITS.contains(j))
+                .collect();
+            if others.is_empty() {
+                Ok("starting (only the health gate's jobs left)".into())
+            } else {
+                Err(format!("starting: jobs pending for {}", others.join(", ")))
+            }
+        }
+        other => Err(other.into()),
+    }
+}
+
+/// The first column of `systemctl --plain --no-legend` listings.
+pub fn parse_unit_column(stdout: &str, column: usize) -> Vec<String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(column))
+        .map(String::from)
+        .collect()
 }
 
 /// Reads systemd's state by running `systemctl` (argv, no shell).
@@ -257,7 +303,7 @@ pub fn parse_systemctl_state(stdout: &str) -> Result<String, String> {
     }
 }
 
-async fn systemctl(program: &str, args: &[&str]) -> Result<String, String> {
+async fn systemctl_output(program: &str, args: &[&str]) -> Result<String, String> {
     let output = tokio::process::Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -265,7 +311,11 @@ async fn systemctl(program: &str, args: &[&str]) -> Result<String, String> {
         .output()
         .await
         .map_err(|e| format!("running {program}: {e}"))?;
-    parse_systemctl_state(&String::from_utf8_lossy(&output.stdout))
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+async fn systemctl(program: &str, args: &[&str]) -> Result<String, String> {
+    parse_systemctl_state(&systemctl_output(program, args).await?)
 }
 
 #[async_trait::async_trait]
@@ -276,6 +326,26 @@ impl SystemdSource for Systemctl {
 
     async fn unit_state(&self, unit: &str) -> Result<String, String> {
         systemctl(&self.program, &["is-active", "--", unit]).await
+    }
+
+    async fn failed_units(&self) -> Result<Vec<String>, String> {
+        let out = systemctl_output(
+            &self.program,
+            &[
+                "list-units",
+                "--state=failed",
+                "--plain",
+                "--no-legend",
+                "--all",
+            ],
+        )
+        .await?;
+        Ok(parse_unit_column(&out, 0))
+    }
+
+    async fn pending_jobs(&self) -> Result<Vec<String>, String> {
+        let out = systemctl_output(&self.program, &["list-jobs", "--plain", "--no-legend"]).await?;
+        Ok(parse_unit_column(&out, 1))
     }
 }
 
@@ -309,11 +379,12 @@ impl<S: SystemdSource> Probe for SystemProbe<S> {
         match &check.kind {
             CheckKind::SystemState => {
                 let state = self.systemd.system_state().await?;
-                if state == "running" {
-                    Ok(state)
-                } else {
-                    Err(state)
+                if state != "starting" {
+                    return system_settled(&state, &[], &[]);
                 }
+                let failed = self.systemd.failed_units().await?;
+                let jobs = self.systemd.pending_jobs().await?;
+                system_settled(&state, &failed, &jobs)
             }
             CheckKind::Units { units } => {
                 let mut bad = Vec::new();
@@ -471,6 +542,56 @@ pub async fn run_until_verdict(checks: &[Check], probe: &dyn Probe, policy: RunP
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn system_settled_table() {
+        let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let table: Vec<(&str, Vec<String>, Vec<String>, bool)> = vec![
+            ("running", v(&[]), v(&[]), true),
+            ("degraded", v(&[]), v(&[]), false),
+            ("maintenance", v(&[]), v(&[]), false),
+            ("starting", v(&[]), v(&[]), true),
+            (
+                "starting",
+                v(&[]),
+                v(&["imgupdate-health.service", "boot-complete.target"]),
+                true,
+            ),
+            ("starting", v(&[]), v(&["imgupdate.service"]), true),
+            (
+                "starting",
+                v(&[]),
+                v(&["kubelet.service", "imgupdate.service"]),
+                false,
+            ),
+            (
+                "starting",
+                v(&["canary.service"]),
+                v(&["imgupdate-health.service"]),
+                false,
+            ),
+        ];
+        for (i, (state, failed, jobs, ok)) in table.into_iter().enumerate() {
+            assert_eq!(system_settled(state, &failed, &jobs).is_ok(), ok, "row {i}");
+        }
+        let err = system_settled("starting", &v(&["a.service"]), &[]).unwrap_err();
+        assert!(err.contains("a.service"), "{err}");
+        let err = system_settled("starting", &[], &v(&["x.mount"])).unwrap_err();
+        assert!(err.contains("x.mount"), "{err}");
+    }
+
+    #[test]
+    fn unit_columns() {
+        let jobs =
+            "12 imgupdate-health.service start running\n13 boot-complete.target start waiting\n";
+        assert_eq!(
+            parse_unit_column(jobs, 1),
+            ["imgupdate-health.service", "boot-complete.target"]
+        );
+        let failed = "canary.service loaded failed failed Canary\n";
+        assert_eq!(parse_unit_column(failed, 0), ["canary.service"]);
+        assert!(parse_unit_column("", 0).is_empty());
+    }
+
     use super::*;
     use std::collections::HashMap;
     use std::sync::Mutex;

@@ -29,6 +29,22 @@ impl SystemdSource for FakeSystemd {
             .map_or("inactive", |(_, s)| s)
             .to_string())
     }
+    async fn failed_units(&self) -> Result<Vec<String>, String> {
+        Ok(self
+            .units
+            .iter()
+            .filter(|(_, s)| *s == "failed")
+            .map(|(u, _)| u.to_string())
+            .collect())
+    }
+    async fn pending_jobs(&self) -> Result<Vec<String>, String> {
+        Ok(self
+            .units
+            .iter()
+            .filter(|(_, s)| *s == "activating")
+            .map(|(u, _)| u.to_string())
+            .collect())
+    }
 }
 
 fn probe() -> SystemProbe<FakeSystemd> {

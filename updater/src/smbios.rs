@@ -3,8 +3,8 @@
 //!
 //! Only with `smbios_overrides = true` in the config (off by default: on real hardware
 //! the firmware vendor writes these strings). The keys are
-//! `io.imgbuild.update.node_id=`, `io.imgbuild.update.channel_url=` and
-//! `io.imgbuild.update.lock_url=`. Trust is unchanged: the channel is still verified
+//! `io.imgbuild.update.node_id=`, `io.imgbuild.update.channel_url=`,
+//! `io.imgbuild.update.lock_url=` and `io.imgbuild.update.strategy=` (`kexec`/`reboot`). Trust is unchanged: the channel is still verified
 //! against the image's root.json, so a URL only says where to fetch from.
 //!
 //! This module owns parsing the raw DMI entries and applying the keys to a [`Config`];
@@ -69,6 +69,14 @@ pub fn apply(cfg: &mut Config, strings: &[String]) -> Vec<String> {
         match key {
             "node_id" => cfg.node_id = Some(value),
             "channel_url" => cfg.channel_url = value,
+            "strategy" => match value.as_str() {
+                "kexec" => cfg.strategy = crate::config::Strategy::Kexec,
+                "reboot" => cfg.strategy = crate::config::Strategy::Reboot,
+                other => {
+                    tracing::warn!("SMBIOS {PREFIX}strategy={other:?} ignored (kexec or reboot)");
+                    continue;
+                }
+            },
             "lock_url" => match &mut cfg.lock {
                 Some(lock) => lock.url = Some(value),
                 None => {
@@ -155,12 +163,15 @@ mod tests {
                 "io.imgbuild.update.node_id=node-2".into(),
                 "io.imgbuild.update.channel_url=http://10.0.2.2:4000/".into(),
                 "io.imgbuild.update.lock_url=http://10.0.2.2:4001".into(),
+                "io.imgbuild.update.strategy=reboot".into(),
+                "io.imgbuild.update.strategy=sideways".into(),
                 "io.imgbuild.update.bogus=1".into(),
                 "io.systemd.credential:x=y".into(),
                 "io.imgbuild.update.novalue".into(),
             ],
         );
-        assert_eq!(applied, ["node_id", "channel_url", "lock_url"]);
+        assert_eq!(applied, ["node_id", "channel_url", "lock_url", "strategy"]);
+        assert_eq!(cfg.strategy, crate::config::Strategy::Reboot);
         assert_eq!(cfg.node_id.as_deref(), Some("node-2"));
         assert_eq!(cfg.channel_url, "http://10.0.2.2:4000/");
         assert_eq!(

@@ -167,12 +167,7 @@ pub fn up(args: &UpArgs, quiet: bool) -> Result<()> {
     result.and(down)
 }
 
-fn supervise(
-    cluster: &Cluster,
-    timeout: u64,
-    stop: &AtomicBool,
-    say: &dyn Fn(&str),
-) -> Result<()> {
+fn supervise(cluster: &Cluster, timeout: u64, stop: &AtomicBool, say: &dyn Fn(&str)) -> Result<()> {
     let started = Instant::now();
     let mut ready = false;
     let mut last: BTreeMap<String, String> = BTreeMap::new();
@@ -279,11 +274,9 @@ pub fn status(args: &StatusArgs) -> Result<()> {
             st.running_version.as_deref().unwrap_or("-"),
             st.running_slot.as_deref().unwrap_or("-"),
             st.staged_version.as_deref().unwrap_or("-"),
-            st.state.as_deref().unwrap_or(if st.up {
-                "booting"
-            } else {
-                "-"
-            }),
+            st.state
+                .as_deref()
+                .unwrap_or(if st.up { "booting" } else { "-" }),
         );
     }
     Ok(())

@@ -151,7 +151,9 @@ impl ClusterInfo {
 enum LockService {
     Fleetlock(FleetLockServer),
     /// Kept for its lifetime: dropping it stops etcd.
-    Etcd { _server: imgkubetest::Etcd },
+    Etcd {
+        _server: imgkubetest::Etcd,
+    },
     None,
 }
 
@@ -338,7 +340,8 @@ impl Cluster {
             self.info.channel_url.as_deref(),
             self.info.lock_url.as_deref(),
         );
-        cfg.oem_strings.extend(self.spec.oem_strings.iter().cloned());
+        cfg.oem_strings
+            .extend(self.spec.oem_strings.iter().cloned());
         cfg
     }
 
