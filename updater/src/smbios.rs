@@ -14,6 +14,10 @@ use std::path::Path;
 
 use crate::config::Config;
 
+/// The whole SMBIOS structure table (present whenever the kernel has DMI; the
+/// per-entry directory below needs the `dmi-sysfs` module, which is not loaded by
+/// default and which a sandboxed service may not load).
+pub const DMI_TABLE: &str = "/sys/firmware/dmi/tables/DMI";
 /// Where Linux exposes raw DMI entries (`11-0`, `11-1`, ... for type 11).
 pub const DMI_ENTRIES: &str = "/sys/firmware/dmi/entries";
 
@@ -37,6 +41,41 @@ pub fn structure_strings(bytes: &[u8]) -> Vec<String> {
         rest = &rest[end + 1..];
     }
     out
+}
+
+/// The OEM strings of every type 11 structure in a whole SMBIOS table: structures one
+/// after another (header, formatted area, strings up to a double NUL) until type 127.
+pub fn table_oem_strings(table: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let (Some(&kind), Some(&len)) = (table.get(pos), table.get(pos + 1)) {
+        let len = usize::from(len);
+        if len < 4 || kind == 127 {
+            break;
+        }
+        // The string set ends at the first double NUL after the formatted area.
+        let strings_at = pos + len;
+        let Some(end) = table
+            .get(strings_at..)
+            .and_then(|rest| rest.windows(2).position(|w| w == [0, 0]))
+        else {
+            break;
+        };
+        let next = strings_at + end + 2;
+        if kind == 11 {
+            out.extend(structure_strings(&table[pos..next]));
+        }
+        pos = next;
+    }
+    out
+}
+
+/// The OEM strings of this machine: from the whole table, else the entries directory.
+pub fn system_oem_strings() -> Vec<String> {
+    match std::fs::read(DMI_TABLE) {
+        Ok(table) => table_oem_strings(&table),
+        Err(_) => oem_strings(Path::new(DMI_ENTRIES)),
+    }
 }
 
 /// All OEM strings (every type 11 structure) under `entries`.
@@ -137,6 +176,28 @@ mod tests {
             structure_strings(&[11, 5, 0, 0, 1, b'x']),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn table_yields_every_type11_structure() {
+        // Type 1 with one string, type 11 with two, a type 11 without strings, end.
+        let mut table = vec![1, 4, 0, 0];
+        table.extend_from_slice(b"QEMU\0\0");
+        table.extend(type11(&["io.imgbuild.update.node_id=n1", "x=y"]));
+        table.extend(type11(&[]));
+        table.extend(type11(&["late=1"]));
+        table.extend([127, 4, 0xff, 0xfe, 0, 0]);
+        table.extend(type11(&["after-end=1"]));
+        assert_eq!(
+            table_oem_strings(&table),
+            ["io.imgbuild.update.node_id=n1", "x=y", "late=1"]
+        );
+        // Truncated anywhere: no panic, a prefix of the strings.
+        for cut in 0..table.len() {
+            let got = table_oem_strings(&table[..cut]);
+            assert!(got.len() <= 3, "cut {cut}");
+        }
+        assert!(table_oem_strings(&[11, 2, 0, 0]).is_empty());
     }
 
     #[test]
