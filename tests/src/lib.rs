@@ -3,6 +3,8 @@
 //!
 //! Owns only test plumbing; it never decides what a test asserts.
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
