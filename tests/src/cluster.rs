@@ -318,7 +318,7 @@ pub fn on(st: &NodeStatus, version: &str) -> bool {
 /// How many times the firmware started a boot loader, and how many kernels started.
 pub fn boots(serial: &str) -> (usize, usize) {
     (
-        serial.matches("BdsDxe: loading").count(),
+        serial.matches("BdsDxe: starting").count(),
         serial.matches("Linux version").count(),
     )
 }
