@@ -35,6 +35,10 @@ pub const REQUIRED_PACKAGES: &[&str] = &[
     "zstd",
 ];
 
+/// Packages an image with `[update]` needs besides: imgupdate's TLS clients (channel,
+/// lock service, Kubernetes API) load the system's CA store, and fail without one.
+pub const UPDATE_PACKAGES: &[&str] = &["ca-certificates"];
+
 /// Modules the small initrd carries by default: enough to find `root-*` by PARTLABEL on
 /// virtio, SATA, NVMe and USB disks and mount ext4.
 pub const DEFAULT_INITRD_MODULES: &[&str] = &[
@@ -357,7 +361,8 @@ pub struct Base {
     /// Empty means "take them from the host's apt sources" (resolved by `compose`).
     pub mirrors: Vec<String>,
     pub components: Vec<String>,
-    /// Recipe packages plus [`REQUIRED_PACKAGES`], sorted, without duplicates.
+    /// Recipe packages plus [`REQUIRED_PACKAGES`] (and [`UPDATE_PACKAGES`] with
+    /// `[update]`), sorted, without duplicates.
     pub packages: Vec<String>,
     /// Keep /usr/share/doc, man pages and locales (default: drop them).
     pub docs: bool,
@@ -719,7 +724,7 @@ impl Validator<'_> {
         // `include` was resolved before this model was read.
         let _ = raw.include;
         let image = self.image(raw.image)?;
-        let base = self.base(raw.base)?;
+        let mut base = self.base(raw.base)?;
         let kernel = self.kernel(raw.kernel)?;
         let (files, extra_digest) = self.files(raw.files)?;
         let systemd = self.systemd(raw.systemd)?;
@@ -728,6 +733,12 @@ impl Validator<'_> {
         let artifacts = self.artifacts(raw.artifacts, &files)?;
         let downloads = self.downloads(raw.downloads)?;
         let (update, update_digest) = self.update(raw.update)?;
+        if update.is_some() {
+            base.packages
+                .extend(UPDATE_PACKAGES.iter().map(|p| p.to_string()));
+            base.packages.sort();
+            base.packages.dedup();
+        }
         let mut hasher = Sha256::new();
         hasher.update(self.text.as_bytes());
         for d in extra_digest.into_iter().chain(update_digest) {

@@ -527,7 +527,10 @@ checks = [{ kind = "units", units = ["ssh.service"] }]
 "#,
         ROOT_JSON,
     );
-    let u = r.unwrap().update.unwrap();
+    let r = r.unwrap();
+    assert!(r.base.packages.contains(&"ca-certificates".to_string()));
+    assert!(r.base.packages.windows(2).all(|w| w[0] < w[1]));
+    let u = r.update.unwrap();
     assert!(u.trusted_root.ends_with("root.json"));
     assert!(u.binary.is_none());
     let cfg = imgupdate::Config::parse(&u.config_toml, "t").unwrap();
@@ -540,7 +543,9 @@ checks = [{ kind = "units", units = ["ssh.service"] }]
 
 #[test]
 fn no_update_section_means_no_updater() {
-    assert!(parse(MINIMAL).unwrap().update.is_none());
+    let r = parse(MINIMAL).unwrap();
+    assert!(r.update.is_none());
+    assert!(!r.base.packages.contains(&"ca-certificates".to_string()));
 }
 
 #[test]
