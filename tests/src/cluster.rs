@@ -13,12 +13,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use imgbuild::build::{build, BuildArgs};
 use imgbuild::cluster::{Cluster, NodeStatus};
 use imgbuild::progress::Progress;
 use imgcoord::fleetlock_server::EventKind;
 
-use crate::{e2e_dir, workspace_root};
+use crate::{build_recipe_with, e2e_dir, workspace_root};
 
 pub const V1: &str = "1.0.0";
 pub const V2: &str = "1.0.1";
@@ -151,22 +150,7 @@ pub fn fixture() -> &'static Fixture {
             let path = recipes.join(format!("node-{v}.toml"));
             fs::write(&path, recipe(v)).unwrap();
             let started = Instant::now();
-            build(
-                &BuildArgs {
-                    recipe: path,
-                    output: work.join(format!("out-{v}")),
-                    cache_dir: std::env::var_os("IMGBUILD_CACHE")
-                        .map(PathBuf::from)
-                        .unwrap_or_else(|| PathBuf::from(imgbuild::compose::DEFAULT_CACHE_DIR)),
-                    source_date_epoch: None,
-                    mirror: None,
-                    artifact_cache: PathBuf::from(imgbuild::artifacts::DEFAULT_ARTIFACT_CACHE),
-                    keep_work: false,
-                    key: None,
-                },
-                &Progress::new(true),
-            )
-            .unwrap();
+            build_recipe_with(&path, &work.join(format!("out-{v}")), &Progress::new(true)).unwrap();
             eprintln!("built node {v} in {:.0}s", started.elapsed().as_secs_f64());
         }
         let f = Fixture { work, key, channel };

@@ -29,10 +29,16 @@ pub fn e2e_dir(name: &str) -> PathBuf {
     target.join("e2e").join(name)
 }
 
-/// Build a recipe of the workspace (path relative to the workspace root) into `out`.
+/// Build a recipe of the workspace (path relative to the workspace root, or absolute)
+/// into `out`, with the package cache of `IMGBUILD_CACHE` or the default one.
 pub fn build_recipe(recipe: &str, out: &Path) -> Result<BuildReport> {
+    build_recipe_with(&workspace_root().join(recipe), out, &Progress::new(false))
+}
+
+/// [`build_recipe`] for any recipe path, reporting through `progress`.
+pub fn build_recipe_with(recipe: &Path, out: &Path, progress: &Progress) -> Result<BuildReport> {
     let args = BuildArgs {
-        recipe: workspace_root().join(recipe),
+        recipe: recipe.to_path_buf(),
         output: out.to_path_buf(),
         cache_dir: std::env::var_os("IMGBUILD_CACHE")
             .map(PathBuf::from)
@@ -43,7 +49,7 @@ pub fn build_recipe(recipe: &str, out: &Path) -> Result<BuildReport> {
         keep_work: false,
         key: None,
     };
-    build(&args, &Progress::new(false)).with_context(|| format!("building {recipe}"))
+    build(&args, progress).with_context(|| format!("building {}", recipe.display()))
 }
 
 /// The boot report printed by `imgbuild-boot-report.service`.
