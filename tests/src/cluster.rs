@@ -85,6 +85,9 @@ content = "[Unit]\nDescription=Release canary (fails in 1.0.2)\n\n[Service]\nTyp
     }
     text.push_str(&format!(
         r#"
+[output]
+formats = ["qcow2"]
+
 [systemd]
 enable = ["systemd-networkd.service"{}]
 
