@@ -9,6 +9,7 @@
 //! delta_tool chunks OLD NEW
 //! delta_tool inspect DELTA
 //! delta_tool pack OLD NEW [--level N] [--threads N] [--frames 0,64,256] [--single]
+//!     [--save-index PREFIX]
 //! ```
 //!
 //! `pack` measures the chunk pack of NEW for each smallest frame size (KiB): pack size,
@@ -296,6 +297,9 @@ fn main() -> Result<()> {
                 };
                 let f = BufReader::with_capacity(1 << 20, File::open(new)?);
                 write_pack(f, &mut idx, "bench", &opts, &mut count)?;
+                if let Some(path) = opt("--save-index") {
+                    std::fs::write(format!("{path}.{}K.json", min_frame >> 10), idx.to_json()?)?;
+                }
                 let all = idx.frames();
                 let (needed, _) = frames_needed(&idx, &plan);
                 let refs: Vec<&Frame> = needed.iter().map(|&i| &all[i]).collect();
