@@ -771,6 +771,9 @@ impl Updater {
             }
             w.write_all(&buf).context("writing the slot")?;
         }
+        if let MissingChunks::Pack(p) = &missing {
+            report.bytes_fetched += p.refetched;
+        }
         let w = w
             .into_inner()
             .map_err(|e| anyhow::anyhow!("writing the slot: {}", e.error()))?;
@@ -842,6 +845,7 @@ impl Updater {
             fetched: needed,
             first_fetch,
             decoded: None,
+            refetched: 0,
             target: t,
             fetcher: fetcher.clone(),
         })
@@ -972,6 +976,8 @@ struct PackCache {
     first_fetch: HashMap<Sha256Digest, usize>,
     /// The last decoded frame.
     decoded: Option<(usize, Vec<u8>)>,
+    /// Bytes fetched again (damaged cache, bad seeds).
+    refetched: u64,
     target: Expected,
     fetcher: Fetcher,
 }
@@ -1036,24 +1042,43 @@ impl PackCache {
         let fi = self.frame_of[at];
         if self.decoded.as_ref().map(|d| d.0) != Some(fi) {
             let f = &self.frames[fi];
-            let compressed = if self.fetched.binary_search(&fi).is_ok() {
+            let mut out = self.decoded.take().map(|d| d.1).unwrap_or_default();
+            let mut cached = false;
+            if self.fetched.binary_search(&fi).is_ok() {
                 let mut z = vec![0u8; f.pack_len as usize];
                 self.file
                     .seek(SeekFrom::Start(f.pack_offset))
                     .and_then(|_| self.file.read_exact(&mut z))
                     .context("reading the fetched frames")?;
-                z
+                // Checked when it arrived; checked again, as the local copy may have been
+                // damaged (or lost with a journal that survived): then it is fetched again.
+                match decode_frame(want, f, &z, &mut out) {
+                    Ok(()) => cached = true,
+                    Err(e) => tracing::warn!(
+                        "cached frame at {} of {} is damaged ({e}); fetching it again",
+                        f.pack_offset,
+                        self.target.name
+                    ),
+                }
             } else {
                 tracing::warn!(
                     "fetching frame at {} of the pack for a bad seed",
                     f.pack_offset
                 );
-                self.fetcher
-                    .fetch_range(&self.target, f.pack_offset..f.pack_end())?
-            };
-            let mut out = self.decoded.take().map(|d| d.1).unwrap_or_default();
-            decode_frame(want, f, &compressed, &mut out)
-                .map_err(|e| UpdateError::Mismatch(format!("{}: {e}", self.target.name)))?;
+            }
+            if !cached {
+                let z = self
+                    .fetcher
+                    .fetch_range(&self.target, f.pack_offset..f.pack_end())?;
+                self.refetched += z.len() as u64;
+                decode_frame(want, f, &z, &mut out).map_err(|e| {
+                    UpdateError::Fetch(FetchError::PieceRejected {
+                        name: self.target.name.clone(),
+                        offset: f.pack_offset,
+                        why: e.to_string(),
+                    })
+                })?;
+            }
             self.decoded = Some((fi, out));
         }
         let (_, data) = self

@@ -713,3 +713,46 @@ fn version_1_index_without_pack_takes_missing_chunks_from_the_full_image() {
     let len = std::fs::metadata(third).unwrap().len();
     assert_eq!(node.slot_hash(Slot::B, len), sha256_file(third));
 }
+
+/// Killed while writing the slot, after every frame was fetched; the cached frames are
+/// then lost (the journal survived): the rerun fetches the frames it finds damaged again
+/// and ends with the verified slot.
+#[test]
+fn damaged_frame_cache_is_fetched_again() {
+    let third = third_image();
+    let len = std::fs::metadata(third).unwrap().len();
+    let node = Node::new("reboot");
+    publish_third(&node.channel, node.tmp.path());
+    let run = |fp: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_imgupdate"));
+        cmd.arg("--config")
+            .arg(&node.config_path)
+            .args(["--json", "update", "--method", "chunks"])
+            .env("IMGUPDATE_LOG", "warn")
+            .env_remove("IMGUPDATE_FAILPOINT");
+        if let Some(fp) = fp {
+            cmd.env("IMGUPDATE_FAILPOINT", fp);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(Some("slot.write:2"));
+    assert!(out.status.code().is_none(), "slot.write:2 was not reached");
+    let dl = imgupdate::install::downloads_dir(&node.cfg.state_dir);
+    let cache = std::fs::read_dir(&dl)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".pieces"))
+        .unwrap();
+    let size = std::fs::metadata(&cache).unwrap().len();
+    std::fs::write(&cache, vec![0u8; size as usize]).unwrap();
+    let out = run(None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["bytes_fetched"].as_u64().unwrap() > 0);
+    assert_eq!(node.slot_hash(Slot::B, len), sha256_file(third));
+    assert!(node.bootable(Slot::B));
+}
