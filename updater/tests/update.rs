@@ -756,3 +756,23 @@ fn damaged_frame_cache_is_fetched_again() {
     assert_eq!(node.slot_hash(Slot::B, len), sha256_file(third));
     assert!(node.bootable(Slot::B));
 }
+
+/// A `file://` channel: the chunk path reads the frames' ranges from the pack file.
+#[test]
+fn file_channel_reads_frame_ranges_from_the_pack() {
+    let mut node = Node::new("reboot");
+    publish_third(&node.channel, node.tmp.path());
+    node.cfg.channel_url = format!("file://{}", node.channel.display());
+    let before = node.server.sent.load(Ordering::SeqCst);
+    let report = update(&node, Method::Chunks).unwrap();
+    assert_eq!(node.server.sent.load(Ordering::SeqCst), before, "no HTTP");
+    let (want, have) = indexes(&node, THIRD, OLD);
+    let plan = imgformat::chunk::chunks_missing(&want, &have);
+    let (needed, _) = imgformat::pack::frames_needed(&want, &plan);
+    let frames = want.frames();
+    let exact: u64 = needed.iter().map(|&f| u64::from(frames[f].pack_len)).sum();
+    assert!(report.bytes_fetched >= exact && report.bytes_fetched < exact + (64 << 10));
+    let third = third_image();
+    let len = std::fs::metadata(third).unwrap().len();
+    assert_eq!(node.slot_hash(Slot::B, len), sha256_file(third));
+}
