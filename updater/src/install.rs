@@ -701,7 +701,7 @@ impl Updater {
         let not_published =
             || UpdateError::NotPublished(format!("chunk index of {}", manifest.version));
         let name = manifest.chunk_index.as_deref().ok_or_else(not_published)?;
-        let want = ChunkIndex::from_json(&channel.read_target(name)?)
+        let want = ChunkIndex::from_bytes(&channel.read_target(name)?)
             .map_err(|e| UpdateError::Mismatch(format!("{name}: {e}")))?;
         if want.image_sha256.to_hex() != manifest.image.sha256
             || want.image_size != manifest.image.size
@@ -713,7 +713,7 @@ impl Updater {
         // What the node holds: the signed chunk index of the running version, whose
         // chunks are re-hashed as they are read from the active slot.
         let have_name = release::chunk_index_target(&manifest.name, &self.running.version);
-        let have = ChunkIndex::from_json(&channel.read_target(&have_name).map_err(|_| {
+        let have = ChunkIndex::from_bytes(&channel.read_target(&have_name).map_err(|_| {
             UpdateError::NotPublished(format!(
                 "chunk index of the running {}",
                 self.running.version

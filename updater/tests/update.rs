@@ -776,3 +776,52 @@ fn file_channel_reads_frame_ranges_from_the_pack() {
     let len = std::fs::metadata(third).unwrap().len();
     assert_eq!(node.slot_hash(Slot::B, len), sha256_file(third));
 }
+
+/// Nodes read a zstd-compressed chunk index too (publishers may switch to it once nodes
+/// run a reader that accepts it).
+#[test]
+fn zstd_compressed_chunk_index_is_read() {
+    let node = Node::new("reboot");
+    let third = third_image();
+    let work = node.tmp.path().join("pack");
+    std::fs::create_dir_all(&work).unwrap();
+    let packed = imgbuild::publish::chunk_pack(
+        third,
+        "minimal",
+        THIRD,
+        &work,
+        &imgformat::pack::PackOptions {
+            level: 3,
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let json = std::fs::read(&packed.index_path).unwrap();
+    std::fs::write(&packed.index_path, zstd::encode_all(&json[..], 19).unwrap()).unwrap();
+    let release = imgchannel::ReleaseInput {
+        name: "minimal".into(),
+        version: THIRD.into(),
+        recipe_digest: format!("sha256:{}", "cd".repeat(32)),
+        image: third.clone(),
+        chunk_index: Some(packed.index_path.clone()),
+        deltas: vec![],
+        min_update_from: None,
+        release_notes: String::new(),
+        allow_downgrade: false,
+        zstd_level: 3,
+    };
+    let signing = imgchannel::SigningKeys::new([base().key.clone()]).unwrap();
+    imgchannel::publish_packed(
+        &node.channel,
+        &signing,
+        &release,
+        &packed.pack_path,
+        &Default::default(),
+    )
+    .unwrap();
+    let report = update(&node, Method::Chunks).unwrap();
+    assert_eq!(report.method, Some(Method::Chunks));
+    let len = std::fs::metadata(third).unwrap().len();
+    assert_eq!(node.slot_hash(Slot::B, len), sha256_file(third));
+}
