@@ -8,7 +8,13 @@
 //! delta_tool apply SOURCE DELTA TARGET [--no-verify-source|--concurrent-verify] [--fsync]
 //! delta_tool chunks OLD NEW
 //! delta_tool inspect DELTA
+//! delta_tool pack OLD NEW [--level N] [--threads N] [--frames 0,64,256] [--single]
+//!     [--save-index PREFIX]
 //! ```
+//!
+//! `pack` measures the chunk pack of NEW for each smallest frame size (KiB): pack size,
+//! index size, and what a node holding OLD fetches by Range requests (frames, requests,
+//! bytes); `--single` adds the one-frame zstd image at the same level for comparison.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -21,7 +27,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use imgbuild::delta::{chunk_index_with, chunks_missing, make_delta, DeltaOptions};
 use imgformat::chunk::Chunking;
+use imgformat::chunk::Frame;
 use imgformat::delta::{apply_concurrent_verify, apply_with, ApplyOptions, DeltaReader, Op};
+use imgformat::pack::{coalesce, frames_needed, write_pack, PackOptions};
 
 /// Current anonymous RSS in KiB (from /proc/self/status).
 fn rss_anon_kib() -> u64 {
@@ -67,6 +75,19 @@ impl RssSampler {
             let _ = h.join();
         }
         self.peak.load(Ordering::Relaxed).max(rss_anon_kib())
+    }
+}
+
+/// A writer that only counts.
+struct Count(u64);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -224,7 +245,85 @@ fn main() -> Result<()> {
                 println!("{k:<10} {n:>8} {out:>14} {enc:>12}");
             }
         }
-        _ => bail!("usage: delta_tool make|apply|chunks|inspect ... (see the module docs)"),
+        ["pack", old, new, ..] => {
+            let opt = |name: &str| {
+                args.iter()
+                    .position(|a| a == name)
+                    .and_then(|i| args.get(i + 1))
+            };
+            let level: i32 = opt("--level").map(|v| v.parse()).transpose()?.unwrap_or(19);
+            let threads: usize = opt("--threads")
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(2);
+            let frames: Vec<u32> = opt("--frames")
+                .map_or("0,64,256", |s| s.as_str())
+                .split(',')
+                .map(|v| v.parse::<u32>().map(|k| k << 10))
+                .collect::<Result<_, _>>()
+                .context("--frames")?;
+            let a = chunk_index_with(Path::new(old), Chunking::default())?;
+            let b = chunk_index_with(Path::new(new), Chunking::default())?;
+            let plan = chunks_missing(&b, &a);
+            println!(
+                "image_bytes={} chunks={} missing_chunks={} missing_raw_bytes={} index_v1_json={}",
+                b.image_size,
+                b.chunks.len(),
+                plan.fetch_chunks,
+                plan.fetch_bytes,
+                b.to_json()?.len()
+            );
+            if flag("--single") {
+                let t0 = Instant::now();
+                let mut count = Count(0);
+                let mut enc = zstd::Encoder::new(&mut count, level)?;
+                enc.include_checksum(true)?;
+                std::io::copy(&mut BufReader::new(File::open(new)?), &mut enc)?;
+                enc.finish()?;
+                println!(
+                    "single_frame level={level} bytes={} seconds={:.1}",
+                    count.0,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            for min_frame in frames {
+                let t0 = Instant::now();
+                let mut idx = b.clone();
+                let mut count = Count(0);
+                let opts = PackOptions {
+                    level,
+                    min_frame,
+                    threads,
+                };
+                let f = BufReader::with_capacity(1 << 20, File::open(new)?);
+                write_pack(f, &mut idx, "bench", &opts, &mut count)?;
+                if let Some(path) = opt("--save-index") {
+                    std::fs::write(format!("{path}.{}K.json", min_frame >> 10), idx.to_json()?)?;
+                }
+                let all = idx.frames();
+                let (needed, _) = frames_needed(&idx, &plan);
+                let refs: Vec<&Frame> = needed.iter().map(|&i| &all[i]).collect();
+                let fetch: u64 = refs.iter().map(|f| u64::from(f.pack_len)).sum();
+                let raw: u64 = refs.iter().map(|f| f.len).sum();
+                let exact = coalesce(&refs, 0, usize::MAX).len();
+                // imgupdate's policy (install.rs): gaps up to 4 KiB merged, ≤ 1024 requests.
+                let capped = coalesce(&refs, 4 << 10, 1024);
+                let capped_bytes: u64 = capped.iter().map(|r| r.end - r.start).sum();
+                println!(
+                    "pack min_frame={}K level={level} pack_bytes={} frames={} index_json={} \
+                     fetch_frames={} fetch_raw={raw} fetch_bytes={fetch} requests={exact} \
+                     requests_capped={} fetch_bytes_capped={capped_bytes} seconds={:.1}",
+                    min_frame >> 10,
+                    count.0,
+                    all.len(),
+                    idx.to_json()?.len(),
+                    refs.len(),
+                    capped.len(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
+        _ => bail!("usage: delta_tool make|apply|chunks|inspect|pack ... (see the module docs)"),
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `imgbuild publish --channel DIR OUT/`: add a built version to an update channel.
 //!
 //! Owns turning a build's output directory into a release: it reads the build manifest,
-//! checks the root image against it, makes the chunk index, makes deltas from the K
+//! checks the root image against it, makes the chunk index and the chunk pack (the image
+//! as one zstd frame per run of chunks; published as the image target, so nodes can
+//! fetch single chunks by Range and old readers still stream it whole), makes deltas from the K
 //! newest published versions (their images are read back from the channel through the
 //! verified TUF path, never from unverified files), and hands everything to
 //! `imgchannel::publish`, which signs. It never signs anything itself and never changes
@@ -14,6 +16,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use imgchannel::channel::{self as chan, DeltaInput, ReleaseInput, SigningKeys};
 use imgchannel::cli::ExpiryArgs;
+use imgformat::chunk::ChunkIndex;
+use imgformat::pack::{self, PackOptions};
 use imgformat::release;
 
 use crate::build::{sha256_file, BuildReport};
@@ -22,7 +26,8 @@ use crate::progress::Progress;
 
 /// Publish a built version (the output directory of `imgbuild build`) into a channel.
 ///
-/// Adds the zstd-compressed root image, its chunk index, deltas from the newest
+/// Adds the zstd-compressed root image (a chunk pack: one zstd frame per run of chunks), its
+/// chunk index, deltas from the newest
 /// published versions and a signed release manifest. Refuses a version already
 /// published and, without --allow-downgrade, a version older than the newest.
 #[derive(Debug, Clone, clap::Args)]
@@ -144,15 +149,24 @@ pub fn publish(args: &PublishArgs, progress: &Progress) -> Result<()> {
     }
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
-    let step = progress.step("chunk index");
-    let chunks = delta::chunk_index(&built.root_image)?;
-    let chunk_path = work.join(release::chunk_index_target(name, version));
-    fs::write(
-        &chunk_path,
-        serde_json::to_vec(&chunks).context("serialising the chunk index")?,
-    )
-    .with_context(|| format!("writing {}", chunk_path.display()))?;
-    step.done(&format!("{} chunks", chunks.chunks.len()));
+    let step = progress.step("chunk index and pack");
+    let packed = chunk_pack(
+        &built.root_image,
+        name,
+        version,
+        &work,
+        &PackOptions {
+            level: args.zstd_level,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ..PackOptions::default()
+        },
+    )?;
+    step.done(&format!(
+        "{} chunks in {} frames, pack {:.1} MiB",
+        packed.index.chunks.len(),
+        packed.index.frames().len(),
+        packed.pack_size as f64 / (1 << 20) as f64
+    ));
 
     let mut deltas = Vec::new();
     let bases: Vec<String> = index
@@ -210,7 +224,7 @@ pub fn publish(args: &PublishArgs, progress: &Progress) -> Result<()> {
         Some(p) => fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         None => String::new(),
     };
-    let published = chan::publish(
+    let published = chan::publish_packed(
         &args.channel,
         &keys,
         &ReleaseInput {
@@ -218,13 +232,14 @@ pub fn publish(args: &PublishArgs, progress: &Progress) -> Result<()> {
             version: version.clone(),
             recipe_digest: built.report.recipe_digest.clone(),
             image: built.root_image.clone(),
-            chunk_index: Some(chunk_path),
+            chunk_index: Some(packed.index_path.clone()),
             deltas,
             min_update_from: args.min_update_from.clone(),
             release_notes,
             allow_downgrade: args.allow_downgrade,
             zstd_level: args.zstd_level,
         },
+        &packed.pack_path,
         &args.expiry.policy(),
     )
     .with_context(|| format!("publishing {version} into {}", args.channel.display()))?;
@@ -239,6 +254,59 @@ pub fn publish(args: &PublishArgs, progress: &Progress) -> Result<()> {
         }
     ));
     Ok(())
+}
+
+/// A chunk index and the chunk pack it describes, ready to publish.
+#[derive(Debug, Clone)]
+pub struct ChunkPack {
+    /// The chunk index (version 2, naming the pack), as JSON in `index_path`.
+    pub index: ChunkIndex,
+    pub index_path: PathBuf,
+    /// The pack, to publish as the image target [`release::image_target`].
+    pub pack_path: PathBuf,
+    pub pack_size: u64,
+}
+
+/// Cut `image` into chunks and write its chunk pack and index into `work`, named as the
+/// channel targets of `name` `version`.
+pub fn chunk_pack(
+    image: &Path,
+    name: &str,
+    version: &str,
+    work: &Path,
+    opts: &PackOptions,
+) -> Result<ChunkPack> {
+    let mut index = delta::chunk_index(image)?;
+    let target = release::image_target(name, version);
+    let pack_path = work.join(&target);
+    let input = fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let out = fs::File::create(&pack_path)
+        .with_context(|| format!("creating {}", pack_path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+    let info = pack::write_pack(
+        BufReader::with_capacity(1 << 20, input),
+        &mut index,
+        &target,
+        opts,
+        &mut out,
+    )
+    .with_context(|| format!("writing the chunk pack of {}", image.display()))?;
+    out.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("writing {}", pack_path.display()))?;
+    let index_path = work.join(release::chunk_index_target(name, version));
+    fs::write(
+        &index_path,
+        index.to_json().context("serialising the chunk index")?,
+    )
+    .with_context(|| format!("writing {}", index_path.display()))?;
+    Ok(ChunkPack {
+        index,
+        index_path,
+        pack_path,
+        pack_size: info.size,
+    })
 }
 
 fn decompress(from: &Path, to: &Path) -> Result<()> {

@@ -769,7 +769,38 @@ pub fn publish(
     let layout = Layout::new(dir);
     let _lock = layout.lock()?;
     let (_, root_path) = layout.latest_root()?;
-    runtime()?.block_on(publish_async(&layout, &root_path, keys, release, expiry))
+    runtime()?.block_on(publish_async(
+        &layout, &root_path, keys, release, None, expiry,
+    ))
+}
+
+/// As [`publish`], with the image already compressed: `pack` (a chunk pack, see
+/// `imgformat::pack`: concatenated zstd frames that decode to `release.image`) is published
+/// as the image target as is, instead of a fresh single-frame compression. The builder
+/// made it and checked every chunk of it against the image; this only hashes both files.
+pub fn publish_packed(
+    dir: &Path,
+    keys: &SigningKeys,
+    release: &ReleaseInput,
+    pack: &Path,
+    expiry: &ExpiryPolicy,
+) -> Result<Published, PublishError> {
+    check_name("image name", &release.name)?;
+    check_name("version", &release.version)?;
+    for d in &release.deltas {
+        check_name("delta source version", &d.from_version)?;
+    }
+    let layout = Layout::new(dir);
+    let _lock = layout.lock()?;
+    let (_, root_path) = layout.latest_root()?;
+    runtime()?.block_on(publish_async(
+        &layout,
+        &root_path,
+        keys,
+        release,
+        Some(pack),
+        expiry,
+    ))
 }
 
 async fn publish_async(
@@ -777,6 +808,7 @@ async fn publish_async(
     root_path: &Path,
     keys: &SigningKeys,
     release: &ReleaseInput,
+    pack: Option<&Path>,
     expiry: &ExpiryPolicy,
 ) -> Result<Published, PublishError> {
     let repo = load_local(layout, root_path).await?;
@@ -810,9 +842,25 @@ async fn publish_async(
     let name = release.name.as_str();
 
     let image_name = release::image_target(name, version);
-    let image_path = staging.path().join(&image_name);
-    let ((sha256, size), (_, compressed_size)) =
-        compress_image(&release.image, &image_path, release.zstd_level)?;
+    let (image_path, (sha256, size), compressed_size) = match pack {
+        Some(pack) => {
+            let raw = crate::artifact::sha256_file(&release.image)
+                .with_context(|| format!("hashing {}", release.image.display()))?;
+            let size = fs::metadata(&release.image)
+                .with_context(|| format!("reading the size of {}", release.image.display()))?
+                .len();
+            let packed = fs::metadata(pack)
+                .with_context(|| format!("reading the size of {}", pack.display()))?
+                .len();
+            (pack.to_path_buf(), (raw, size), packed)
+        }
+        None => {
+            let image_path = staging.path().join(&image_name);
+            let ((sha256, size), (_, compressed_size)) =
+                compress_image(&release.image, &image_path, release.zstd_level)?;
+            (image_path, (sha256, size), compressed_size)
+        }
+    };
 
     let mut files: Vec<(String, PathBuf)> = vec![(image_name.clone(), image_path)];
     let chunk_index = release.chunk_index.as_ref().map(|p| {

@@ -15,8 +15,8 @@ pub mod serve;
 
 pub use artifact::{sign_sums, verify_artifact, VerifyError};
 pub use channel::{
-    init, load, load_with, local_index, publish, refresh, rotate_root, AsyncChannel, Channel,
-    DeltaInput, ExpiryPolicy, LoadError, LoadOptions, PublishError, Published, ReleaseInput,
-    RoleKeySet, RoleKeys, SigningKeys,
+    init, load, load_with, local_index, publish, publish_packed, refresh, rotate_root,
+    AsyncChannel, Channel, DeltaInput, ExpiryPolicy, LoadError, LoadOptions, PublishError,
+    Published, ReleaseInput, RoleKeySet, RoleKeys, SigningKeys,
 };
 pub use keys::{generate, KeyError, PublicKeyInfo};

@@ -25,6 +25,18 @@ pub enum ChunkIndexError {
     BadChunk { index: usize },
     #[error("chunks end at {chunks_end} but the image size is {image_size}")]
     SizeMismatch { chunks_end: u64, image_size: u64 },
+    /// The pack description is inconsistent (`index`: the first chunk concerned).
+    #[error("chunk pack: {why} (chunk {index:?})")]
+    BadPack {
+        index: Option<usize>,
+        why: &'static str,
+    },
+    /// A frame of the pack does not decompress to exactly its chunks.
+    #[error("pack frame at byte {pack_offset} is corrupt: {why}")]
+    FrameCorrupt { pack_offset: u64, why: String },
+    /// A chunk decompressed from the pack does not hash to its signed sha256.
+    #[error("chunk {index} (image byte {offset}) from the pack does not match its sha256")]
+    ChunkHash { index: usize, offset: u64 },
 }
 
 /// Errors encoding, decoding or applying a delta.

@@ -9,6 +9,7 @@ pub mod chunk;
 pub mod delta;
 pub mod error;
 pub mod layout;
+pub mod pack;
 pub mod release;
 
 pub use layout::{PartitionRole, Slot};

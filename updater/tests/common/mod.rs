@@ -1,6 +1,8 @@
 //! Shared fixture: two small root images (1.0 and 1.1), a real channel published with
-//! imgchannel (chunk indexes, a delta 1.0 -> 1.1), a GPT disk image with 1.0 in root-a,
-//! and a static HTTP server with Range support and misbehaving modes.
+//! imgchannel the way `imgbuild publish` does (chunk indexes and chunk packs as the image
+//! targets, a delta 1.0 -> 1.1), a GPT disk image with 1.0 in root-a, and a static HTTP
+//! server with Range support, a byte counter and misbehaving modes. [`publish_third`] adds
+//! a 1.2 (no delta from 1.0) to one node's channel.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -21,6 +23,8 @@ use imgupdate::Config;
 
 pub const OLD: &str = "1.0";
 pub const NEW: &str = "1.1";
+/// Two versions after [`OLD`]; only [`publish_third`] publishes it.
+pub const THIRD: &str = "1.2";
 pub const ROOT_SIZE: u64 = 16 * MIB;
 const EPOCH: i64 = 1_700_000_000;
 
@@ -60,20 +64,35 @@ fn tree(dir: &Path, version: &str) {
         std::fs::write(p, data).unwrap();
     };
     let new = version == NEW;
-    let kver = if new { "6.1.0-2-test" } else { "6.1.0-1-test" };
-    w(
-        &format!("boot/vmlinuz-{kver}"),
-        &bytes(if new { 11 } else { 10 }, 200 << 10),
-    );
+    let third = version == THIRD;
+    let kver = match version {
+        NEW => "6.1.0-2-test",
+        THIRD => "6.1.0-3-test",
+        _ => "6.1.0-1-test",
+    };
+    let k = match version {
+        NEW => 1,
+        THIRD => 2,
+        _ => 0,
+    };
+    w(&format!("boot/vmlinuz-{kver}"), &bytes(10 + k, 200 << 10));
     w(
         &format!("boot/initrd.img-{kver}"),
-        &bytes(if new { 21 } else { 20 }, 300 << 10),
+        &bytes(20 + k, 300 << 10),
     );
-    w("usr/bin/tool", &bytes(30, 1 << 20));
+    let mut tool = bytes(30, 1 << 20);
+    if third {
+        tool[700_000..720_000].copy_from_slice(&bytes(31, 20_000));
+    }
+    w("usr/bin/tool", &tool);
     let mut lib = bytes(40, 1 << 20);
-    if new {
+    if new || third {
         lib[300_000..364_000].copy_from_slice(&bytes(41, 64_000));
         w("usr/bin/added", &bytes(42, 256 << 10));
+    }
+    if third {
+        lib[800_000..810_000].copy_from_slice(&bytes(43, 10_000));
+        w("usr/share/data", &bytes(44, 64 << 10));
     }
     w("usr/lib/libthing.so", &lib);
     w(
@@ -105,22 +124,74 @@ fn image(base: &Path, version: &str) -> PathBuf {
     img
 }
 
-fn release(base: &Path, version: &str, img: &Path, deltas: Vec<DeltaInput>) -> ReleaseInput {
-    let chunks = base.join(format!("chunks-{version}.json"));
-    let idx = imgbuild::delta::chunk_index(img).unwrap();
-    std::fs::write(&chunks, idx.to_json().unwrap()).unwrap();
-    ReleaseInput {
+/// Publish `version` as `imgbuild publish` does: chunk index and chunk pack made by
+/// `imgbuild::publish::chunk_pack`, the pack as the image target.
+pub fn publish_release(
+    channel: &Path,
+    key: &Path,
+    work: &Path,
+    version: &str,
+    img: &Path,
+    deltas: Vec<DeltaInput>,
+) {
+    let work = work.join(format!("pack-{version}"));
+    std::fs::create_dir_all(&work).unwrap();
+    let opts = imgformat::pack::PackOptions {
+        level: 3,
+        threads: 2,
+        ..Default::default()
+    };
+    let packed = imgbuild::publish::chunk_pack(img, "minimal", version, &work, &opts).unwrap();
+    let release = ReleaseInput {
         name: "minimal".into(),
         version: version.into(),
         recipe_digest: format!("sha256:{}", "ab".repeat(32)),
         image: img.to_path_buf(),
-        chunk_index: Some(chunks),
+        chunk_index: Some(packed.index_path.clone()),
         deltas,
         min_update_from: None,
         release_notes: String::new(),
         allow_downgrade: false,
-        zstd_level: 1,
-    }
+        zstd_level: 3,
+    };
+    let signing = SigningKeys::new([key.to_path_buf()]).unwrap();
+    imgchannel::publish_packed(
+        channel,
+        &signing,
+        &release,
+        &packed.pack_path,
+        &ExpiryPolicy::default(),
+    )
+    .unwrap();
+}
+
+/// The 1.2 image (made once per test binary).
+pub fn third_image() -> &'static PathBuf {
+    static THIRD_IMG: OnceLock<PathBuf> = OnceLock::new();
+    THIRD_IMG.get_or_init(|| image(&base().dir, THIRD))
+}
+
+/// Publish 1.2 into `channel` with a delta from 1.1 only: a node on 1.0 has no delta.
+pub fn publish_third(channel: &Path, work: &Path) {
+    let b = base();
+    let delta = work.join("1.1-1.2.delta");
+    imgbuild::delta::make_delta(
+        &b.new_img,
+        third_image(),
+        &delta,
+        &imgbuild::delta::DeltaOptions {
+            level: 3,
+            diff_level: 3,
+            file_diff: true,
+            verify: false,
+        },
+    )
+    .unwrap();
+    let d = vec![DeltaInput {
+        from_version: NEW.into(),
+        path: delta,
+    }];
+    publish_release(channel, &b.key, work, THIRD, third_image(), d);
 }
 
 pub fn base() -> &'static Base {
@@ -162,25 +233,12 @@ pub fn base() -> &'static Base {
             &ExpiryPolicy::default(),
         )
         .unwrap();
-        let signing = SigningKeys::new([key.clone()]).unwrap();
-        imgchannel::publish(
-            &channel,
-            &signing,
-            &release(&dir, OLD, &old_img, vec![]),
-            &ExpiryPolicy::default(),
-        )
-        .unwrap();
+        publish_release(&channel, &key, &dir, OLD, &old_img, vec![]);
         let d = vec![DeltaInput {
             from_version: OLD.into(),
             path: delta,
         }];
-        imgchannel::publish(
-            &channel,
-            &signing,
-            &release(&dir, NEW, &new_img, d),
-            &ExpiryPolicy::default(),
-        )
-        .unwrap();
+        publish_release(&channel, &key, &dir, NEW, &new_img, d);
 
         // The disk: 1.0 in root-a with its kernel, initrd and a good entry.
         let layout = DiskLayout::plan(
@@ -289,7 +347,7 @@ fn handle(
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut first = String::new();
     reader.read_line(&mut first)?;
-    let mut range: Option<u64> = None;
+    let mut range: Option<(u64, Option<u64>)> = None;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
@@ -297,7 +355,12 @@ fn handle(
         }
         let l = line.to_ascii_lowercase();
         if let Some(v) = l.strip_prefix("range: bytes=") {
-            range = v.trim().trim_end_matches('-').parse().ok();
+            range = v.trim().split_once('-').and_then(|(a, b)| {
+                Some((
+                    a.parse().ok()?,
+                    if b.is_empty() { None } else { b.parse().ok() },
+                ))
+            });
         }
     }
     let path = first.split_whitespace().nth(1).unwrap_or("/");
@@ -317,38 +380,41 @@ fn handle(
     };
     let len = file.metadata()?.len();
     let is_target = rel.starts_with("targets/") && !rel.ends_with(".json");
-    let start = match (range, mode) {
-        (Some(s), NORMAL | GARBAGE) => {
+    let (start, end) = match (range, mode) {
+        (Some((s, e)), NORMAL | GARBAGE) => {
+            let e = e.unwrap_or(len - 1).min(len - 1);
             ranges.fetch_add(1, Ordering::SeqCst);
             write!(
                 stream,
-                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{len}\r\nConnection: close\r\n\r\n",
-                len - s,
-                len - 1
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{e}/{len}\r\nConnection: close\r\n\r\n",
+                e + 1 - s,
             )?;
-            s
+            (s, e + 1)
         }
         _ => {
             write!(
                 stream,
                 "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
             )?;
-            0
+            (0, len)
         }
     };
     if mode == GARBAGE && is_target {
-        let junk = bytes(99, (len - start) as usize);
+        let junk = bytes(99, (end - start) as usize);
         stream.write_all(&junk)?;
     } else {
         file.seek(SeekFrom::Start(start))?;
+        let mut left = end - start;
         let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = file.read(&mut buf)?;
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = file.read(&mut buf[..want])?;
             if n == 0 {
                 break;
             }
             stream.write_all(&buf[..n])?;
             sent.fetch_add(n as u64, Ordering::SeqCst);
+            left -= n as u64;
         }
     }
     stream.flush()
