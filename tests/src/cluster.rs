@@ -121,12 +121,20 @@ pub fn fixture() -> &'static Fixture {
         let bin = cargo_build_imgupdate();
         std::env::set_var(imgbuild::agent::IMGUPDATE_ENV, &bin);
         let work = e2e_dir("cluster");
+        let key = work.join("keys/channel.key");
+        let channel = work.join("channel");
+        // Images of an earlier run are reused when their inputs are the same: the
+        // recipes, the base recipe and the imgupdate program (a stamp of their hashes).
+        let stamp = inputs_stamp(&bin);
+        let stamp_file = work.join("inputs.sha256");
+        if fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
+            eprintln!("reusing the node images and channel in {}", work.display());
+            return Fixture { work, key, channel };
+        }
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(&work).unwrap();
-        let key = work.join("keys/channel.key");
         fs::create_dir_all(key.parent().unwrap()).unwrap();
         imgchannel::generate(&key).unwrap();
-        let channel = work.join("channel");
         run_imgbuild(&[
             "channel",
             "init",
@@ -156,12 +164,14 @@ pub fn fixture() -> &'static Fixture {
             build_recipe_with(&path, &work.join(format!("out-{v}")), &Progress::new(true)).unwrap();
             eprintln!("built node {v} in {:.0}s", started.elapsed().as_secs_f64());
         }
-        let f = Fixture { work, key, channel };
         Channel {
-            dir: f.channel.clone(),
+            dir: channel.clone(),
+            work: work.clone(),
+            key: key.clone(),
         }
         .publish(V1);
-        f
+        fs::write(&stamp_file, &stamp).unwrap();
+        Fixture { work, key, channel }
     })
 }
 
@@ -193,7 +203,11 @@ impl Fixture {
     pub fn channel_copy(&self, name: &str) -> Channel {
         let dir = scratch(name);
         copy_tree(&self.channel, &dir);
-        Channel { dir }
+        Channel {
+            dir,
+            work: self.work.clone(),
+            key: self.key.clone(),
+        }
     }
 }
 
@@ -310,24 +324,38 @@ pub fn boots(serial: &str) -> (usize, usize) {
     )
 }
 
+/// sha256 over what the node images are made of (besides Debian's packages).
+fn inputs_stamp(imgupdate: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for v in [V1, V2, V3] {
+        h.update(recipe(v).as_bytes());
+    }
+    h.update(fs::read(workspace_root().join("recipes/minimal.toml")).unwrap());
+    h.update(fs::read(imgupdate).unwrap());
+    format!("{:x}", h.finalize())
+}
+
 /// A channel of this run: a copy of the fixture's channel with 1.0.0 published.
 #[derive(Debug)]
 pub struct Channel {
     pub dir: PathBuf,
+    /// The fixture's work directory (holds `out-VERSION/`).
+    work: PathBuf,
+    key: PathBuf,
 }
 
 impl Channel {
     /// Publishes `version` (built by the fixture) into this channel.
     pub fn publish(&self, version: &str) {
-        let f = fixture();
         let started = Instant::now();
         run_imgbuild(&[
             "publish",
-            f.work.join(format!("out-{version}")).to_str().unwrap(),
+            self.work.join(format!("out-{version}")).to_str().unwrap(),
             "--channel",
             self.dir.to_str().unwrap(),
             "--key",
-            f.key.to_str().unwrap(),
+            self.key.to_str().unwrap(),
             "--zstd-level",
             "3",
         ]);
