@@ -17,8 +17,9 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckKind {
     /// `systemctl is-system-running` is `running`; or `starting` with no failed unit
-    /// while the only jobs left are the health gate's own ([`GATE_UNITS`]), which keep
-    /// the system `starting` until the gate finishes. Never `degraded`.
+    /// while the only jobs still running are the health gate's own ([`GATE_UNITS`]):
+    /// they keep the system `starting` until the gate finishes, and every job waiting
+    /// then waits on them. Never `degraded`.
     SystemState,
     /// Every named unit is `active`.
     Units { units: Vec<String> },
@@ -235,13 +236,15 @@ pub trait SystemdSource: Send + Sync {
     async fn unit_state(&self, unit: &str) -> Result<String, String>;
     /// Units in the `failed` state.
     async fn failed_units(&self) -> Result<Vec<String>, String>;
-    /// Units with a queued or running job.
-    async fn pending_jobs(&self) -> Result<Vec<String>, String>;
+    /// Units whose job is running (`systemctl list-jobs` state `running`, not
+    /// `waiting`).
+    async fn running_jobs(&self) -> Result<Vec<String>, String>;
 }
 
 /// Units whose jobs may still run while the system counts as settled: the updater's
-/// health gate and the daemon (which checks health before it reports ready), and what
-/// waits on them by design.
+/// health gate, the daemon (which checks health after a boot), and what waits on them
+/// by design. Jobs in the `waiting` state are not looked at: when only these run,
+/// everything waiting waits on them (e.g. `multi-user.target`, which wants the daemon).
 pub const GATE_UNITS: &[&str] = &[
     "imgupdate-health.service",
     "imgupdate.service",
@@ -250,12 +253,17 @@ pub const GATE_UNITS: &[&str] = &[
 ];
 
 /// The `system-state` verdict from what systemd says. Pure, so it is table-tested.
-pub fn system_settled(state: &str, failed: &[String], jobs: &[String]) -> Result<String, String> {
+/// `running` lists the units whose job is running.
+pub fn system_settled(
+    state: &str,
+    failed: &[String],
+    running: &[String],
+) -> Result<String, String> {
     match state {
         "running" => Ok(state.into()),
         "starting" if !failed.is_empty() => Err(format!("failed units: {}", failed.join(", "))),
         "starting" => {
-            let others: Vec<&str> = jobs
+            let others: Vec<&str> = running
                 .iter()
                 .map(String::as_str)
                 .filter(|j| !GATE_UNITS.contains(j))
@@ -263,14 +271,26 @@ pub fn system_settled(state: &str, failed: &[String], jobs: &[String]) -> Result
             if others.is_empty() {
                 Ok("starting (only the health gate's jobs left)".into())
             } else {
-                Err(format!("starting: jobs pending for {}", others.join(", ")))
+                Err(format!("starting: jobs running for {}", others.join(", ")))
             }
         }
         other => Err(other.into()),
     }
 }
 
-/// The first column of `systemctl --plain --no-legend` listings.
+/// Units of the running jobs in `systemctl list-jobs --plain --no-legend` output
+/// (`JOB UNIT TYPE STATE` per line).
+pub fn parse_running_jobs(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() >= 4 && cols[3] == "running").then(|| cols[1].to_string())
+        })
+        .collect()
+}
+
+/// A column of `systemctl --plain --no-legend` listings.
 pub fn parse_unit_column(stdout: &str, column: usize) -> Vec<String> {
     stdout
         .lines()
@@ -343,9 +363,9 @@ impl SystemdSource for Systemctl {
         Ok(parse_unit_column(&out, 0))
     }
 
-    async fn pending_jobs(&self) -> Result<Vec<String>, String> {
+    async fn running_jobs(&self) -> Result<Vec<String>, String> {
         let out = systemctl_output(&self.program, &["list-jobs", "--plain", "--no-legend"]).await?;
-        Ok(parse_unit_column(&out, 1))
+        Ok(parse_running_jobs(&out))
     }
 }
 
@@ -383,8 +403,8 @@ impl<S: SystemdSource> Probe for SystemProbe<S> {
                     return system_settled(&state, &[], &[]);
                 }
                 let failed = self.systemd.failed_units().await?;
-                let jobs = self.systemd.pending_jobs().await?;
-                system_settled(&state, &failed, &jobs)
+                let running = self.systemd.running_jobs().await?;
+                system_settled(&state, &failed, &running)
             }
             CheckKind::Units { units } => {
                 let mut bad = Vec::new();
@@ -576,16 +596,19 @@ mod tests {
         let err = system_settled("starting", &v(&["a.service"]), &[]).unwrap_err();
         assert!(err.contains("a.service"), "{err}");
         let err = system_settled("starting", &[], &v(&["x.mount"])).unwrap_err();
+        assert!(err.contains("running"), "{err}");
         assert!(err.contains("x.mount"), "{err}");
     }
 
     #[test]
     fn unit_columns() {
-        let jobs =
-            "12 imgupdate-health.service start running\n13 boot-complete.target start waiting\n";
+        let jobs = "12 imgupdate-health.service start running\n\
+                    13 boot-complete.target start waiting\n\
+                    14 multi-user.target start waiting\n\
+                    15 dev-x.device start running\nbogus\n";
         assert_eq!(
-            parse_unit_column(jobs, 1),
-            ["imgupdate-health.service", "boot-complete.target"]
+            parse_running_jobs(jobs),
+            ["imgupdate-health.service", "dev-x.device"]
         );
         let failed = "canary.service loaded failed failed Canary\n";
         assert_eq!(parse_unit_column(failed, 0), ["canary.service"]);

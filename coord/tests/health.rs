@@ -37,7 +37,7 @@ impl SystemdSource for FakeSystemd {
             .map(|(u, _)| u.to_string())
             .collect())
     }
-    async fn pending_jobs(&self) -> Result<Vec<String>, String> {
+    async fn running_jobs(&self) -> Result<Vec<String>, String> {
         Ok(self
             .units
             .iter()

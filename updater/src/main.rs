@@ -245,11 +245,9 @@ fn daemon(cfg: Config, bus: Option<&str>, no_timer: bool) -> anyhow::Result<()> 
         updater.running.slot,
         sf.state.name()
     );
-    // What booted decides: finish a trial or a rollback before anything else.
-    match agent::run(&cfg, Phase::VerifyBoot) {
-        Ok(out) => tracing::info!("boot verification: {out:?}"),
-        Err(e) => tracing::warn!("boot verification: {e:#}"),
-    }
+    // Ready first (the bus name is what systemd waits for with Type=dbus): a boot's
+    // health checks can take minutes, and units ordered after this one (multi-user.target
+    // wants it) must not wait for them, or the system never settles.
     let service = Service::new(cfg.clone());
     let _conn = dbus::serve(service.clone(), bus)?;
     let metrics = {
@@ -263,6 +261,11 @@ fn daemon(cfg: Config, bus: Option<&str>, no_timer: bool) -> anyhow::Result<()> 
     if let Some(addr) = cfg.metrics.listen {
         let local = imgupdate::metrics::serve(addr, metrics.clone())?;
         tracing::info!("metrics on http://{local}/metrics");
+    }
+    // What booted decides: finish a trial or a rollback before checking for updates.
+    match agent::run(&cfg, Phase::VerifyBoot) {
+        Ok(out) => tracing::info!("boot verification: {out:?}"),
+        Err(e) => tracing::warn!("boot verification: {e:#}"),
     }
     loop {
         if let Some(path) = &cfg.metrics.textfile {
