@@ -22,6 +22,7 @@ async fn start() -> (ControlPlane, KubeClient) {
         token: cp.token.clone(),
         ca_pem: cp.ca_pem.clone(),
         timeout: Duration::from_secs(20),
+        ..KubeConfig::default()
     })
     .unwrap();
     (cp, client)
