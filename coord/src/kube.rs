@@ -1,9 +1,12 @@
 //! A small typed Kubernetes API client: exactly what the reboot lock and the drain need
 //! (Nodes, Pods, Evictions, Leases), over `reqwest` with rustls.
 //!
-//! It owns HTTP, authentication (bearer token) and the mapping of API status codes to
-//! [`KubeError`]; it holds no policy. Trust is explicit: the API server's CA certificate
-//! is the only root accepted (never disables verification). Eviction uses `policy/v1`
+//! It owns HTTP, authentication (bearer token, client certificate), where those come
+//! from (a pod's service account, or a kubeconfig file for a node's own daemons) and the
+//! mapping of API status codes to [`KubeError`]; it holds no policy. Trust is explicit:
+//! the API server's CA certificate is the only root accepted (never disables
+//! verification), checked against the server's host or the kubeconfig's
+//! `tls-server-name`. Eviction uses `policy/v1`
 //! where the server serves it and falls back to `policy/v1beta1` (Kubernetes < 1.22,
 //! found by API discovery once per client).
 
