@@ -14,10 +14,10 @@
 //! printed; images, channel and serial logs stay in target/e2e/k8s-update/ on failure
 //! (removed after a pass). Run with
 //! `cargo test -p imgbuild-tests --test vm_k8s_update -- --ignored --test-threads=1 --nocapture`
-//! (needs `scripts/build-k8s`). Measured here (TCG, 2 shared cores, two runs): whole
-//! test 584–731 s; VM start → node Ready 58–78 s; published → cordoned 172–255 s
+//! (needs `scripts/build-k8s`). Measured here (TCG, 2 shared cores, three runs): whole
+//! test 584–786 s; VM start → node Ready 58–78 s; published → cordoned 172–255 s
 //! (download and verification of the 2 GiB slot), → pod gone 176–259 s, → kexec
-//! 192–275 s; kexec → Ready on v2 50 s; published → uncordoned 238–324 s.
+//! 192–275 s; kexec → Ready on v2 47–50 s; published → uncordoned 238–324 s.
 //!
 //! The guest reaches the host's 127.0.0.1 as 10.0.2.2; the API server's self-signed
 //! certificate is checked against the DNS name `kubernetes` (`tls-server-name`).
