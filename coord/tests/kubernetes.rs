@@ -28,6 +28,7 @@ async fn control_plane(pdb_controller: bool) -> (ControlPlane, KubeClient) {
         token: cp.token.clone(),
         ca_pem: cp.ca_pem.clone(),
         timeout: Duration::from_secs(20),
+        ..KubeConfig::default()
     })
     .unwrap();
     (cp, client)

@@ -384,13 +384,15 @@ impl ControlPlane {
 
     /// Write a kubeconfig for a client that reaches the API server at `server` (e.g.
     /// `https://10.0.2.2:PORT`, QEMU user networking's address of the host's loopback)
-    /// with the CA embedded, checking the certificate against `127.0.0.1` (the name the
-    /// self-signed certificate carries).
+    /// with the CA embedded, checking the certificate against the DNS name `kubernetes`
+    /// (the self-signed certificate carries it, and 127.0.0.1; a DNS name is what
+    /// clients that cannot check an IP other than the one they dial, like imgupdate,
+    /// accept as `tls-server-name`).
     pub fn write_kubeconfig_for(&self, server: &str, path: &Path) -> Result<(), ControlPlaneError> {
         use base64::Engine as _;
         let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    tls-server-name: 127.0.0.1\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    token: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    tls-server-name: kubernetes\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    token: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
             self.token
         );
         fs::write(path, text).map_err(io(format!("writing {}", path.display())))

@@ -107,13 +107,20 @@ pub fn cluster_refusals(cfg: &Config) -> anyhow::Result<ClusterRefusals> {
     Ok(runtime()?.block_on(ClusterRefusals::fetch(lock.as_ref()))?)
 }
 
-/// The Kubernetes drainer when `[drain] kubernetes = true`.
+/// The Kubernetes drainer when `[drain] kubernetes = true`: credentials from `[drain]
+/// kubeconfig` when given, else the in-cluster service account.
 pub fn kube_drainer(cfg: &Config) -> anyhow::Result<Option<crate::kubedrain::KubeDrainer>> {
     if !cfg.drain.kubernetes {
         return Ok(None);
     }
-    let kube = imgcoord::kube::KubeConfig::in_cluster()
-        .context("[drain] kubernetes = true needs the in-cluster service account")?;
+    let kube = match &cfg.drain.kubeconfig {
+        Some(path) => {
+            imgcoord::kube::KubeConfig::from_kubeconfig_file(path).context("[drain] kubeconfig")?
+        }
+        None => imgcoord::kube::KubeConfig::in_cluster().context(
+            "[drain] kubernetes = true without kubeconfig needs the in-cluster service account",
+        )?,
+    };
     let client =
         imgcoord::kube::KubeClient::new(&kube).context("creating the Kubernetes client")?;
     let node = match &cfg.drain.node_name {

@@ -103,8 +103,9 @@ pub struct Config {
 }
 
 /// `[drain]`: `kubernetes = true` cordons and drains this node through the Kubernetes
-/// API (in-cluster service account credentials) before the reboot and uncordons it
-/// after a healthy boot.
+/// API before the reboot and uncordons it after a healthy boot. Credentials: the
+/// `kubeconfig` file when given (a node is not a pod), else the in-cluster service
+/// account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DrainConfig {
@@ -113,6 +114,10 @@ pub struct DrainConfig {
     /// The node's name in the cluster. Default: the host name.
     #[serde(default)]
     pub node_name: Option<String>,
+    /// A kubeconfig file (absolute path; its current context) with the API server, its
+    /// CA and the credentials; read by `imgcoord::kube::KubeConfig::from_kubeconfig_file`.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Where metrics go.
@@ -211,6 +216,17 @@ impl Config {
                 return Err(invalid(field, "must not be empty when set"));
             }
         }
+        if let Some(k) = &self.drain.kubeconfig {
+            if !self.drain.kubernetes {
+                return Err(invalid(
+                    "kubeconfig",
+                    "[drain] kubeconfig needs kubernetes = true",
+                ));
+            }
+            if !k.is_absolute() {
+                return Err(invalid("kubeconfig", "must be an absolute path"));
+            }
+        }
         if let (Some(pin), Some(max)) = (&self.pinned_version, &self.max_version) {
             if imgformat::release::compare_versions(pin, max) == std::cmp::Ordering::Greater {
                 return Err(invalid(
@@ -269,6 +285,37 @@ mod tests {
         let bad = format!("{MINIMAL}\n[drain]\nkubernets = true\n");
         let err = Config::parse(&bad, "test").unwrap_err().to_string();
         assert!(err.contains("kubernets"), "{err}");
+    }
+
+    #[test]
+    fn drain_kubeconfig_is_absolute_and_needs_kubernetes() {
+        let text = format!(
+            "{MINIMAL}\n[drain]\nkubernetes = true\nkubeconfig = \"/etc/kubernetes/kubelet.conf\"\n"
+        );
+        let c = Config::parse(&text, "test").unwrap();
+        assert_eq!(
+            c.drain.kubeconfig.as_deref(),
+            Some(Path::new("/etc/kubernetes/kubelet.conf"))
+        );
+        let err = Config::parse(
+            &format!("{MINIMAL}\n[drain]\nkubeconfig = \"/k.conf\"\n"),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("line 5")
+                && err.contains("kubeconfig")
+                && err.contains("kubernetes = true"),
+            "{err}"
+        );
+        let err = Config::parse(
+            &format!("{MINIMAL}\n[drain]\nkubernetes = true\nkubeconfig = \"k.conf\"\n"),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("absolute"), "{err}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ async fn start() -> (ControlPlane, KubeClient) {
         token: cp.token.clone(),
         ca_pem: cp.ca_pem.clone(),
         timeout: Duration::from_secs(20),
+        ..KubeConfig::default()
     })
     .unwrap();
     (cp, client)
@@ -154,4 +155,43 @@ async fn kube_drainer_reports_a_drain_it_cannot_finish_as_postponed() {
         1,
         "the pod stays"
     );
+}
+
+/// `[drain] kubeconfig`: a node's imgupdate reads the API server, CA and token from a
+/// kubeconfig file (kubectl's form with a CA file, and the guest form with the CA
+/// embedded and `tls-server-name`), not from a pod's service account.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "k8s tier: needs scripts/build-k8s"]
+async fn drainer_from_a_kubeconfig_file_cordons_and_uncordons() {
+    let (cp, client) = start().await;
+    create(
+        &client,
+        "/api/v1/nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "kc-node"}}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let guest_form = dir.path().join("kubelet.conf");
+    // What a QEMU guest gets, pointed at the host's loopback instead of 10.0.2.2.
+    cp.write_kubeconfig_for(&cp.server, &guest_form).unwrap();
+    for kubeconfig in [cp.kubeconfig.clone(), guest_form] {
+        let cfg = imgupdate::config::Config::parse(
+            &format!(
+                "channel_url = \"file:///srv/channel\"\ntrusted_root = \"/r.json\"\n\
+                 [drain]\nkubernetes = true\nnode_name = \"kc-node\"\nkubeconfig = \"{}\"\n",
+                kubeconfig.display()
+            ),
+            "test",
+        )
+        .unwrap();
+        let d = imgupdate::agent::kube_drainer(&cfg).unwrap().unwrap();
+        d.cordon().await.unwrap();
+        assert!(
+            client.get_node("kc-node").await.unwrap().spec.unschedulable,
+            "{}",
+            kubeconfig.display()
+        );
+        d.uncordon().await.unwrap();
+        assert!(!client.get_node("kc-node").await.unwrap().spec.unschedulable);
+    }
 }
