@@ -75,14 +75,16 @@ fn a_rolling_kexec_update_then_a_bad_release_is_stopped_by_the_first_node() {
         );
     }
 
-    // 2. Bad release: the first node to take it rolls back; the others never stage it.
+    // 2. Bad release: the first node to take it rolls back; the others never boot it
+    // (nodes download and stage in parallel before the lock: one that staged it drops
+    // it when the lock comes, because the failure was recorded before the release).
     channel.publish(V3);
     tl.note("host", "published 1.0.2 (canary fails)");
-    let mut staged_bad: BTreeMap<String, bool> = BTreeMap::new();
+    let mut ran_bad: BTreeMap<String, bool> = BTreeMap::new();
     wait_until(&cluster, &mut tl, 1500, "1.0.2 recorded as failed", |st| {
         for s in st {
-            if s.staged_version.as_deref() == Some(V3) || s.running_version.as_deref() == Some(V3) {
-                staged_bad.insert(s.name.clone(), true);
+            if s.running_version.as_deref() == Some(V3) {
+                ran_bad.insert(s.name.clone(), true);
             }
         }
         cluster.failed_releases().iter().any(|v| v == V3)
@@ -91,17 +93,23 @@ fn a_rolling_kexec_update_then_a_bad_release_is_stopped_by_the_first_node() {
     let settle = Instant::now();
     wait_until(&cluster, &mut tl, 600, "every node back on 1.0.1", |st| {
         for s in st {
-            if s.staged_version.as_deref() == Some(V3) || s.running_version.as_deref() == Some(V3) {
-                staged_bad.insert(s.name.clone(), true);
+            if s.running_version.as_deref() == Some(V3) {
+                ran_bad.insert(s.name.clone(), true);
             }
         }
         st.iter().all(|s| on(s, V2)) && settle.elapsed() > Duration::from_secs(60)
     });
     tl.print();
-    assert_eq!(
-        staged_bad.len(),
-        1,
-        "exactly one node may take the bad release: {staged_bad:?}"
+    let booted_bad: Vec<usize> = (0..3)
+        .filter(|&i| {
+            cluster
+                .serial_history(i)
+                .contains("imgbuild cluster node 1.0.2")
+        })
+        .collect();
+    assert!(
+        ran_bad.len() <= 1 && booted_bad.len() == 1,
+        "exactly one node may boot the bad release: seen running {ran_bad:?}, booted (serial) {booted_bad:?}"
     );
     let history = cluster.lock_history();
     assert_eq!(max_holders(&history, "default"), 1);

@@ -855,6 +855,11 @@ impl Updater {
     /// firmware boots the other one. Issue 6 performs the reboot.
     pub fn rollback(&self) -> Result<State, UpdateError> {
         let _lock = self.lock()?;
+        self.rollback_locked()
+    }
+
+    /// [`Updater::rollback`] for a caller that holds the state directory lock.
+    pub fn rollback_locked(&self) -> Result<State, UpdateError> {
         let mut sf = self.start()?;
         let slot = match &sf.state {
             State::Staged { slot, .. }

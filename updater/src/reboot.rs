@@ -286,6 +286,9 @@ pub enum Outcome {
     RolledBack { version: String },
     /// The old slot is not healthy either: stays cordoned, lock kept.
     Unhealthy { reasons: Vec<String> },
+    /// The staged version was recorded as failed by another node while this one waited
+    /// for the lock: dropped (slot unbootable, back to idle), lock released.
+    Refused { version: String },
 }
 
 /// Settings of the flow.
@@ -444,6 +447,22 @@ impl Driver<'_> {
                         return Ok(Outcome::LockBusy);
                     }
                     held = true;
+                    // Nodes stage in parallel, so a release may have failed on the node
+                    // that held the lock before us: it recorded that before it released.
+                    if let State::Staged { version, .. } = &sf.state {
+                        let version = version.clone();
+                        let failed = self.lock.failed_releases().await?;
+                        if failed.iter().any(|f| f.version == version) {
+                            tracing::warn!(
+                                "{version} failed on another node; dropping it instead of booting it"
+                            );
+                            self.updater
+                                .rollback_locked()
+                                .map_err(|e| RebootError::Other(e.into()))?;
+                            self.release().await?;
+                            return Ok(Outcome::Refused { version });
+                        }
+                    }
                 }
                 Action::ReleaseLock if matches!(sf.state, State::Staged { .. }) => {
                     self.release().await?;

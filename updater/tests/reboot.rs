@@ -431,6 +431,38 @@ fn kexec_trial_that_fails_rolls_back_and_the_cluster_refuses_the_version() {
     );
 }
 
+/// Nodes stage in parallel: one that staged the version another node has since
+/// recorded as failed drops it once it holds the lock, and never boots it.
+#[test]
+fn a_staged_version_failed_elsewhere_is_dropped_when_the_lock_comes() {
+    // The reboot strategy stages an entry with boot counting: it must go.
+    let node = staged("reboot");
+    assert!(node.bootable(Slot::B), "the staged slot has its entry");
+    rt().block_on(async {
+        let w = World::new(node, false).await;
+        lock_for(&w.server, "node-2")
+            .mark_release_failed(NEW, "canary.service failed")
+            .await
+            .unwrap();
+        let out = reboot_staged(&w, vec![]).await;
+        assert_eq!(
+            out,
+            Outcome::Refused {
+                version: NEW.into()
+            }
+        );
+        assert!(w.rebooter.calls().is_empty(), "nothing rebooted");
+        assert!(w.server.holders("default").is_empty(), "lock given back");
+        assert!(
+            matches!(w.node.state().state, State::Idle),
+            "{:?}",
+            w.node.state().state
+        );
+        assert!(!w.node.bootable(Slot::B), "the dropped slot cannot boot");
+        assert!(w.node.bootable(Slot::A));
+    });
+}
+
 #[test]
 fn a_trial_that_hangs_lands_on_the_old_slot_and_fails_the_version() {
     let node = staged("reboot");
