@@ -63,7 +63,8 @@ pub struct ClusterSpec {
     /// Nodes allowed to reboot at once (FleetLock server setting).
     pub lock_slots: usize,
     pub memory_mib: u32,
-    /// Virtual disk size of each node (the `var` partition grows into it).
+    /// Virtual disk size of each node (the `var` partition grows into it); never less
+    /// than the image's own size.
     pub disk_size: u64,
     pub accel: Accel,
     /// Extra SMBIOS OEM strings for every node.
@@ -181,6 +182,27 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// The virtual size of a disk image (`qemu-img info`).
+pub fn image_virtual_size(image: &Path) -> Result<u64> {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(image)
+        .output()
+        .context("running qemu-img info")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img info {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing qemu-img info of {}", image.display()))?;
+    v["virtual-size"]
+        .as_u64()
+        .with_context(|| format!("qemu-img info of {} has no virtual-size", image.display()))
+}
+
 /// The guest's view of a host URL `http://127.0.0.1:PORT`.
 pub fn guest_url(host_url: &str) -> String {
     host_url.replacen("127.0.0.1", HOST_FROM_GUEST, 1)
@@ -221,6 +243,9 @@ impl Cluster {
             .canonicalize()
             .with_context(|| format!("image {}", spec.image.display()))?;
         let format = imgqemu::detect_format(&image)?;
+        // An overlay smaller than its backing image would cut the disk off silently.
+        let virtual_size = image_virtual_size(&image)?;
+        let disk_size = spec.disk_size.max(virtual_size);
         let ovmf = imgqemu::firmware().context("finding OVMF")?;
         std::fs::create_dir_all(&spec.dir)
             .with_context(|| format!("creating {}", spec.dir.display()))?;
@@ -269,7 +294,7 @@ impl Cluster {
                 .args(["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
                 .arg(&image)
                 .arg(&overlay)
-                .arg(spec.disk_size.to_string())
+                .arg(disk_size.to_string())
                 .output()
                 .context("running qemu-img")?;
             if !out.status.success() {
@@ -494,5 +519,44 @@ impl Cluster {
     /// Runs `f` on the cluster's async runtime (lock clients in tests).
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.runtime.block_on(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_urls_and_oem_strings() {
+        assert_eq!(guest_url("http://127.0.0.1:4000"), "http://10.0.2.2:4000");
+        let s = node_oem_strings(
+            "node-2",
+            Some("http://127.0.0.1:4000"),
+            Some("http://127.0.0.1:4001"),
+        );
+        assert_eq!(
+            s,
+            [
+                "io.imgbuild.update.node_id=node-2",
+                "io.imgbuild.update.channel_url=http://10.0.2.2:4000/",
+                "io.imgbuild.update.lock_url=http://10.0.2.2:4001",
+            ]
+        );
+        assert_eq!(node_oem_strings("n", None, None).len(), 1);
+    }
+
+    #[test]
+    fn virtual_size_of_a_qcow2() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.qcow2");
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("5G")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(image_virtual_size(&img).unwrap(), 5 << 30);
+        assert!(image_virtual_size(&dir.path().join("missing")).is_err());
     }
 }
