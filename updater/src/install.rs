@@ -136,7 +136,7 @@ pub enum Choice {
 }
 
 /// Pick the version to move to: the pinned one if set, else the channel's rule
-/// ([`ChannelIndex::update_target`]) over the releases not above `max`.
+/// ([`ChannelIndex::update_target`]) over the releases not above `max` and not refused.
 pub fn choose(
     index: &ChannelIndex,
     running: &str,
@@ -161,7 +161,21 @@ pub fn choose(
                 .releases
                 .retain(|r: &ReleaseEntry| compare_versions(&r.version, max) != Ordering::Greater);
         }
-        allowed.update_target(running).map(|r| r.version.clone())
+        let newest = allowed.update_target(running).map(|r| r.version.clone());
+        // A release that failed is skipped: the node moves to the newest good one
+        // (e.g. from 1.0 to 1.1 when 1.2 failed), and stays only when none is left.
+        allowed
+            .releases
+            .retain(|r: &ReleaseEntry| r.version == running || !refused.is_refused(&r.version));
+        match allowed.update_target(running) {
+            Some(r) => Some(r.version.clone()),
+            None => {
+                return match newest {
+                    Some(v) if refused.is_refused(&v) => Choice::Refused { version: v },
+                    _ => Choice::UpToDate,
+                }
+            }
+        }
     };
     match target {
         None => Choice::UpToDate,
@@ -1172,7 +1186,7 @@ mod tests {
             &'static [&'static str],
             Choice,
         );
-        let table: [Case; 8] = [
+        let table: [Case; 10] = [
             ("1.0", None, None, &[], up("1.2")),
             ("1.2", None, None, &[], Choice::UpToDate),
             ("1.0", None, Some("1.1"), &[], up("1.1")),
@@ -1188,11 +1202,23 @@ mod tests {
                     version: "0.9".into(),
                 },
             ),
+            // A failed newest release is skipped for the newest good one...
+            ("1.0", None, None, &["1.2"], up("1.1")),
+            // ...and reported when there is none.
+            (
+                "1.1",
+                None,
+                None,
+                &["1.2"],
+                Choice::Refused {
+                    version: "1.2".into(),
+                },
+            ),
             (
                 "1.0",
                 None,
                 None,
-                &["1.2"],
+                &["1.1", "1.2"],
                 Choice::Refused {
                     version: "1.2".into(),
                 },
