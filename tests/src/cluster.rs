@@ -33,7 +33,8 @@ pub struct Fixture {
     channel: PathBuf,
 }
 
-fn cargo_build_imgupdate() -> PathBuf {
+/// Builds the `imgupdate` program (the test binary's package does not) and returns it.
+pub fn cargo_build_imgupdate() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let st = Command::new(cargo)
         .args(["build", "-p", "imgupdate", "--bin", "imgupdate"])
@@ -177,7 +178,7 @@ pub fn fixture() -> &'static Fixture {
 
 /// Runs an imgbuild verb through the same argument parser and library calls as the
 /// `imgbuild` program.
-fn run_imgbuild(args: &[&str]) {
+pub fn run_imgbuild(args: &[&str]) {
     use clap::Parser;
     use imgbuild::cli::{ChannelCommand, Cli, Command as Verb};
     let cli = Cli::try_parse_from(std::iter::once("imgbuild").chain(args.iter().copied()))

@@ -25,14 +25,13 @@
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use imgbuild::build::{build, BuildArgs};
 use imgbuild::cluster::{Cluster, ClusterSpec, LockKind, NodeStatus};
 use imgbuild::progress::Progress;
-use imgbuild_tests::{e2e_dir, workspace_root};
+use imgbuild_tests::cluster::{cargo_build_imgupdate, run_imgbuild, tail};
+use imgbuild_tests::{build_recipe_with, e2e_dir, workspace_root};
 use imgcoord::fleetlock_server::EventKind;
 use imgcoord::kube::{KubeClient, KubeConfig};
 use imgkubetest::{ControlPlane, ControlPlaneOptions};
@@ -48,22 +47,6 @@ const NODE: &str = "k8s-e2e";
 const KUBECONFIG: &str = "/etc/imgbuild-e2e/kubelet.conf";
 const NAMESPACE: &str = "e2e";
 const POD: &str = "victim";
-
-fn cargo_build_imgupdate() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-p", "imgupdate", "--bin", "imgupdate"])
-        .current_dir(workspace_root())
-        .status()
-        .unwrap();
-    assert!(st.success(), "building imgupdate failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let bin = target.join("debug/imgupdate");
-    assert!(bin.is_file(), "{} missing", bin.display());
-    bin
-}
 
 /// The node recipe: the repository's k8s recipes, the kubelet pointed at the test
 /// control plane, and imgupdate with drain, kexec and kubelet health checks.
@@ -146,40 +129,8 @@ authorization: {mode: AlwaysAllow}
 staticPodPath: /etc/kubernetes/manifests
 ";
 
-/// Runs an imgbuild verb through the same argument parser and library calls as the
-/// `imgbuild` program.
-fn run_imgbuild(args: &[&str]) {
-    use clap::Parser;
-    use imgbuild::cli::{ChannelCommand, Cli, Command as Verb};
-    let cli = Cli::try_parse_from(std::iter::once("imgbuild").chain(args.iter().copied()))
-        .unwrap_or_else(|e| panic!("imgbuild {args:?}: {e}"));
-    let result = match cli.command {
-        Verb::Channel(ChannelCommand::Init(a)) => imgchannel::cli::run_channel_init(&a),
-        Verb::Publish(a) => imgbuild::publish::publish(&a, &Progress::new(true)),
-        other => panic!("not wired in this test: {other:?}"),
-    };
-    if let Err(e) = result {
-        panic!("imgbuild {args:?}: {e:#}");
-    }
-}
-
 fn build_image(recipe: &Path, out: &Path) {
-    build(
-        &BuildArgs {
-            recipe: recipe.to_path_buf(),
-            output: out.to_path_buf(),
-            cache_dir: std::env::var_os("IMGBUILD_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(imgbuild::compose::DEFAULT_CACHE_DIR)),
-            source_date_epoch: None,
-            mirror: None,
-            artifact_cache: PathBuf::from(imgbuild::artifacts::DEFAULT_ARTIFACT_CACHE),
-            keep_work: false,
-            key: None,
-        },
-        &Progress::new(true),
-    )
-    .unwrap();
+    build_recipe_with(recipe, out, &Progress::new(true)).unwrap();
 }
 
 fn publish(work: &Path, channel: &Path, key: &Path, version: &str) {
@@ -277,11 +228,6 @@ impl Env {
             Err(e) => panic!("reading pod {POD}: {e}"),
         }
     }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn fail(cluster: &Cluster, cp: &ControlPlane, tl: &Timeline, what: &str) -> ! {
