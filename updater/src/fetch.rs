@@ -256,10 +256,7 @@ impl Fetcher {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            let start = cr
-                .strip_prefix("bytes ")
-                .and_then(|r| r.split_once('-'))
-                .and_then(|(s, _)| s.parse::<u64>().ok());
+            let start = parse_content_range(&cr).map(|(s, _)| s);
             if start != Some(from) {
                 return Err(FetchError::BadContentRange {
                     url: url.to_string(),
@@ -484,12 +481,7 @@ impl Fetcher {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let got = cr
-            .strip_prefix("bytes ")
-            .and_then(|r| r.split_once('/'))
-            .and_then(|(r, _)| r.split_once('-'))
-            .and_then(|(s, e)| Some((s.parse::<u64>().ok()?, e.parse::<u64>().ok()?)));
-        if got != Some((range.start, last)) {
+        if parse_content_range(&cr) != Some((range.start, last)) {
             return Err(FetchError::BadContentRange {
                 url: url.to_string(),
                 got: cr,
@@ -617,9 +609,35 @@ pub fn prune(dir: &Path, keep: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first and last byte of a `Content-Range: bytes A-B/TOTAL` header (TOTAL may be
+/// `*`).
+pub fn parse_content_range(header: &str) -> Option<(u64, u64)> {
+    let (range, _total) = header.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+
+    #[test]
+    fn content_range_headers() {
+        assert_eq!(parse_content_range("bytes 0-9/10"), Some((0, 9)));
+        assert_eq!(parse_content_range("bytes 5-7/*"), Some((5, 7)));
+        assert_eq!(parse_content_range(" bytes 5-7/100 "), Some((5, 7)));
+        for bad in [
+            "",
+            "bytes 5-/10",
+            "bytes -5/10",
+            "bytes 5-7",
+            "items 0-1/2",
+            "bytes a-b/3",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
     use sha2::{Digest, Sha256};
 
