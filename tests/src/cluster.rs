@@ -134,18 +134,8 @@ pub fn fixture() -> &'static Fixture {
         }
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(&work).unwrap();
-        fs::create_dir_all(key.parent().unwrap()).unwrap();
-        imgchannel::generate(&key).unwrap();
-        run_imgbuild(&[
-            "channel",
-            "init",
-            "--channel",
-            "nightly",
-            "--dir",
-            channel.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-        ]);
+        let created = Channel::create(&work, "nightly");
+        assert_eq!((&created.dir, &created.key), (&channel, &key));
         let recipes = work.join("recipes");
         fs::create_dir_all(&recipes).unwrap();
         fs::copy(
@@ -168,12 +158,7 @@ pub fn fixture() -> &'static Fixture {
             // disk is not needed.
             let _ = fs::remove_file(work.join(format!("out-{v}/node-{v}.raw")));
         }
-        Channel {
-            dir: channel.clone(),
-            work: work.clone(),
-            key: key.clone(),
-        }
-        .publish(V1);
+        created.publish(V1);
         fs::write(&stamp_file, &stamp).unwrap();
         Fixture { work, key, channel }
     })
@@ -181,7 +166,7 @@ pub fn fixture() -> &'static Fixture {
 
 /// Runs an imgbuild verb through the same argument parser and library calls as the
 /// `imgbuild` program.
-pub fn run_imgbuild(args: &[&str]) {
+fn run_imgbuild(args: &[&str]) {
     use clap::Parser;
     use imgbuild::cli::{ChannelCommand, Cli, Command as Verb};
     let cli = Cli::try_parse_from(std::iter::once("imgbuild").chain(args.iter().copied()))
@@ -350,6 +335,30 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// A new channel `WORK/channel` named `name`, signed by a new key
+    /// `WORK/keys/channel.key`; versions are published from `WORK/out-VERSION`.
+    pub fn create(work: &Path, name: &str) -> Channel {
+        let key = work.join("keys/channel.key");
+        fs::create_dir_all(key.parent().unwrap()).unwrap();
+        imgchannel::generate(&key).unwrap();
+        let dir = work.join("channel");
+        run_imgbuild(&[
+            "channel",
+            "init",
+            "--channel",
+            name,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ]);
+        Channel {
+            dir,
+            work: work.to_path_buf(),
+            key,
+        }
+    }
+
     /// Publishes `version` (built by the fixture) into this channel.
     pub fn publish(&self, version: &str) {
         let started = Instant::now();

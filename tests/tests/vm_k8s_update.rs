@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use imgbuild::cluster::{Cluster, ClusterSpec, LockKind, NodeStatus};
 use imgbuild::progress::Progress;
-use imgbuild_tests::cluster::{cargo_build_imgupdate, run_imgbuild, tail};
+use imgbuild_tests::cluster::{cargo_build_imgupdate, tail, Channel};
 use imgbuild_tests::{build_recipe_with, e2e_dir, workspace_root};
 use imgcoord::fleetlock_server::EventKind;
 use imgcoord::kube::{KubeClient, KubeConfig};
@@ -131,19 +131,6 @@ staticPodPath: /etc/kubernetes/manifests
 
 fn build_image(recipe: &Path, out: &Path) {
     build_recipe_with(recipe, out, &Progress::new(true)).unwrap();
-}
-
-fn publish(work: &Path, channel: &Path, key: &Path, version: &str) {
-    run_imgbuild(&[
-        "publish",
-        work.join(format!("out-{version}")).to_str().unwrap(),
-        "--channel",
-        channel.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--zstd-level",
-        "3",
-    ]);
 }
 
 /// Moments since the start, printed as they happen and as a table at the end.
@@ -292,27 +279,14 @@ fn a_kubernetes_node_is_drained_kexeced_health_checked_and_uncordoned() {
     let work = e2e_dir("k8s-update");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).unwrap();
-    let key = work.join("keys/channel.key");
-    fs::create_dir_all(key.parent().unwrap()).unwrap();
-    imgchannel::generate(&key).unwrap();
-    let channel = work.join("channel");
-    run_imgbuild(&[
-        "channel",
-        "init",
-        "--channel",
-        "stable",
-        "--dir",
-        channel.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-    ]);
+    let channel = Channel::create(&work, "stable");
     let recipes = work.join("recipes");
     fs::create_dir_all(&recipes).unwrap();
     for r in ["k8s-node.toml", "k8s-node-local.toml"] {
         fs::copy(workspace_root().join("recipes").join(r), recipes.join(r)).unwrap();
     }
     fs::copy(
-        channel.join("metadata/1.root.json"),
+        channel.dir.join("metadata/1.root.json"),
         recipes.join("root.json"),
     )
     .unwrap();
@@ -349,7 +323,7 @@ fn a_kubernetes_node_is_drained_kexeced_health_checked_and_uncordoned() {
         fs::remove_file(out.join(format!("{NODE}-{v}.raw"))).unwrap();
         if v == V1 {
             let started = Instant::now();
-            publish(&work, &channel, &key, V1);
+            channel.publish(V1);
             eprintln!("published {V1} in {:.0}s", started.elapsed().as_secs_f64());
             fs::remove_file(out.join(format!("{NODE}-{v}.root.ext4"))).unwrap();
         } else {
@@ -360,7 +334,7 @@ fn a_kubernetes_node_is_drained_kexeced_health_checked_and_uncordoned() {
     // One node, FleetLock lock.
     let image = work.join(format!("out-{V1}/{NODE}-{V1}.qcow2"));
     let mut spec = ClusterSpec::new("k8s", &image, 1, &work.join("cluster"));
-    spec.channel = Some(channel.clone());
+    spec.channel = Some(channel.dir.clone());
     spec.lock = LockKind::Fleetlock;
     spec.lock_slots = 1;
     spec.memory_mib = 2048;
@@ -445,7 +419,7 @@ fn a_kubernetes_node_is_drained_kexeced_health_checked_and_uncordoned() {
 
     // Publish v2 and watch.
     let t_publish_start = tl.note(format!("publishing {V2}"));
-    publish(&work, &channel, &key, V2);
+    channel.publish(V2);
     let t_published = tl.note(format!("published {V2}"));
     let mut t_cordoned: Option<f64> = None;
     let mut cordoned_on_old_boot = false;
