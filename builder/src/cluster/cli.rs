@@ -7,7 +7,7 @@
 //! died.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -303,8 +303,6 @@ pub fn logs(args: &LogsArgs) -> Result<()> {
         // A restarted node writes a new log file: follow it.
         if let Ok(now) = ClusterInfo::load(&args.target.dir()) {
             if now.node(&args.node)?.starts != node.starts {
-                f = std::fs::File::open(&node.serial_log)?;
-                f.seek(SeekFrom::Start(0))?;
                 return logs(args);
             }
         } else {
