@@ -1,15 +1,14 @@
 //! Command-line arguments and entry points for the key, signing and channel verbs, ready to
 //! be mounted as `imgbuild` subcommands (`keys generate`, `sign`, `verify`,
-//! `channel init|publish|refresh|rotate-root`).
+//! `channel init|refresh|rotate-root`; `imgbuild publish` lives in the builder, which makes
+//! the chunk pack).
 //!
 //! This module owns argument parsing (clap derive; the doc comments are the `--help`
 //! text), turning raw flags into the library's validated inputs, and printing results. It
 //! must never hold signing or verification logic of its own: every `run_*` calls exactly
 //! one library function.
 
-use crate::channel::{
-    self, DeltaInput, ExpiryPolicy, ReleaseInput, RoleKeySet, RoleKeys, SigningKeys,
-};
+use crate::channel::{self, ExpiryPolicy, RoleKeySet, RoleKeys, SigningKeys};
 use crate::{artifact, keys};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -178,63 +177,6 @@ pub struct ChannelInitArgs {
     pub expiry: ExpiryArgs,
 }
 
-/// Publish a built version into a channel.
-///
-/// Adds the zstd-compressed root image, its chunk index, deltas and a release manifest as
-/// TUF targets. Refuses a version already published and, without --allow-downgrade, a
-/// version older than the newest one.
-#[derive(Debug, Clone, Args)]
-pub struct PublishArgs {
-    /// Channel directory.
-    #[arg(long = "channel")]
-    pub dir: PathBuf,
-    /// Signing keys (targets, snapshot and timestamp roles; repeat for several).
-    #[arg(long, required = true)]
-    pub key: Vec<PathBuf>,
-    /// Image name.
-    #[arg(long)]
-    pub name: String,
-    /// Image version.
-    #[arg(long)]
-    pub version: String,
-    /// Recipe digest reported by the build.
-    #[arg(long)]
-    pub recipe_digest: String,
-    /// Uncompressed root filesystem image.
-    #[arg(long)]
-    pub image: PathBuf,
-    /// Chunk index of the image.
-    #[arg(long)]
-    pub chunk_index: Option<PathBuf>,
-    /// Delta from an older published version: FROM_VERSION=PATH (repeat).
-    #[arg(long = "delta", value_parser = parse_delta)]
-    pub deltas: Vec<DeltaInput>,
-    /// Oldest version allowed to update straight to this one.
-    #[arg(long)]
-    pub min_update_from: Option<String>,
-    /// Release notes file.
-    #[arg(long)]
-    pub notes: Option<PathBuf>,
-    /// Publish a version older than the newest, making it the channel's max version.
-    #[arg(long)]
-    pub allow_downgrade: bool,
-    /// zstd level for the image.
-    #[arg(long, default_value = "19")]
-    pub zstd_level: i32,
-    #[command(flatten)]
-    pub expiry: ExpiryArgs,
-}
-
-fn parse_delta(s: &str) -> Result<DeltaInput, String> {
-    let (from, path) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected FROM_VERSION=PATH"))?;
-    Ok(DeltaInput {
-        from_version: from.to_owned(),
-        path: PathBuf::from(path),
-    })
-}
-
 /// Re-sign snapshot and timestamp so the channel does not expire (run from cron/CI).
 #[derive(Debug, Clone, Args)]
 pub struct RefreshArgs {
@@ -323,43 +265,6 @@ pub fn run_channel_init(args: &ChannelInitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `imgbuild publish`.
-pub fn run_publish(args: &PublishArgs) -> anyhow::Result<()> {
-    let release_notes = match &args.notes {
-        Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-        }
-        None => String::new(),
-    };
-    let input = ReleaseInput {
-        name: args.name.clone(),
-        version: args.version.clone(),
-        recipe_digest: args.recipe_digest.clone(),
-        image: args.image.clone(),
-        chunk_index: args.chunk_index.clone(),
-        deltas: args.deltas.clone(),
-        min_update_from: args.min_update_from.clone(),
-        release_notes,
-        allow_downgrade: args.allow_downgrade,
-        zstd_level: args.zstd_level,
-    };
-    let keys = SigningKeys::new(args.key.iter().cloned())?;
-    let p = channel::publish(&args.dir, &keys, &input, &args.expiry.policy())
-        .with_context(|| format!("publishing {} into {}", args.version, args.dir.display()))?;
-    println!(
-        "published {} {} (targets version {}){}",
-        p.manifest.name,
-        p.manifest.version,
-        p.targets_version,
-        if p.downgrade {
-            "; downgrade: max_version set"
-        } else {
-            ""
-        }
-    );
-    Ok(())
-}
-
 /// `imgbuild channel refresh`.
 pub fn run_refresh(args: &RefreshArgs) -> anyhow::Result<()> {
     let keys = SigningKeys::new(args.key.iter().cloned())?;
@@ -395,7 +300,6 @@ mod tests {
 
     #[derive(Debug, clap::Subcommand)]
     enum Cmd {
-        Publish(PublishArgs),
         Init(ChannelInitArgs),
     }
 
@@ -410,38 +314,24 @@ mod tests {
     }
 
     #[test]
-    fn publish_flags_resolve() {
+    fn expiry_flags_resolve() {
         let cli = Cli::try_parse_from([
             "x",
-            "publish",
+            "init",
             "--channel",
-            "/c",
+            "nightly",
             "--key",
             "k",
-            "--name",
-            "minimal",
-            "--version",
-            "1.1",
-            "--recipe-digest",
-            "d",
-            "--image",
-            "i",
-            "--delta",
-            "1.0=/d/1.0.delta",
             "--timestamp-expiry",
             "1d",
         ])
         .unwrap();
-        let Cmd::Publish(p) = cli.cmd else {
-            panic!("not publish")
+        let Cmd::Init(a) = cli.cmd else {
+            panic!("not init")
         };
-        assert_eq!(p.deltas.len(), 1);
-        assert_eq!(p.deltas[0].from_version, "1.0");
-        assert_eq!(p.deltas[0].path, PathBuf::from("/d/1.0.delta"));
-        assert_eq!(p.expiry.policy().timestamp, Duration::from_secs(86_400));
-        assert_eq!(p.expiry.policy().snapshot, Duration::from_secs(30 * 86_400));
-        assert_eq!(p.zstd_level, 19);
-        assert!(Cli::try_parse_from(["x", "publish", "--channel", "/c"]).is_err());
+        assert_eq!(a.expiry.policy().timestamp, Duration::from_secs(86_400));
+        assert_eq!(a.expiry.policy().snapshot, Duration::from_secs(30 * 86_400));
+        assert!(Cli::try_parse_from(["x", "init", "--timestamp-expiry", "1y"]).is_err());
     }
 
     #[test]
