@@ -4,7 +4,7 @@
 //! nothing about speed.
 //!
 //! ```text
-//! delta_tool make OLD NEW OUT [--no-file-diff] [--level N] [--diff-level N]
+//! delta_tool make OLD NEW OUT [--no-file-diff] [--level N]
 //! delta_tool apply SOURCE DELTA TARGET [--no-verify-source|--concurrent-verify] [--fsync]
 //! delta_tool chunks OLD NEW
 //! delta_tool inspect DELTA
@@ -112,18 +112,9 @@ fn main() -> Result<()> {
                 .transpose()
                 .context("--level")?
                 .unwrap_or(19);
-            let diff_level = args
-                .iter()
-                .position(|a| a == "--diff-level")
-                .and_then(|i| args.get(i + 1))
-                .map(|v| v.parse())
-                .transpose()
-                .context("--diff-level")?
-                .unwrap_or(9);
             let _ = rest;
             let opts = DeltaOptions {
                 level,
-                diff_level,
                 file_diff: !flag("--no-file-diff"),
                 verify: true,
             };
@@ -221,15 +212,17 @@ fn main() -> Result<()> {
         ["inspect", delta] => {
             let f = File::open(delta).with_context(|| format!("opening {delta}"))?;
             let mut r = DeltaReader::new(std::io::BufReader::new(f))?;
-            // kind -> (ops, target bytes, delta bytes)
+            // kind -> (ops, target bytes, op stream bytes before compression)
             let mut sums: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+            let mut diff_buf = vec![0u8; 1 << 16];
             loop {
                 let at = r.delta_position();
                 let Some(op) = r.next_op()? else { break };
+                while r.read_diff(&mut diff_buf)? > 0 {}
                 let (kind, out) = match &op {
                     Op::CopySource { len, .. } => ("copy", *len),
                     Op::Zero { len } => ("zero", *len),
-                    Op::Literal { raw_len, .. } => ("literal", u64::from(*raw_len)),
+                    Op::Literal { data } => ("literal", data.len() as u64),
                     Op::FileDiff { out_len, .. } => ("file_diff", *out_len),
                 };
                 let e = sums.entry(kind).or_default();
@@ -239,11 +232,16 @@ fn main() -> Result<()> {
             }
             println!(
                 "{:<10} {:>8} {:>14} {:>12}",
-                "op", "count", "target_bytes", "delta_bytes"
+                "op", "count", "target_bytes", "stream_bytes"
             );
             for (k, (n, out, enc)) in sums {
                 println!("{k:<10} {n:>8} {out:>14} {enc:>12}");
             }
+            println!(
+                "op stream {} bytes, compressed into {} bytes",
+                r.delta_position(),
+                std::fs::metadata(delta)?.len()
+            );
         }
         ["pack", old, new, ..] => {
             let opt = |name: &str| {

@@ -29,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use imgformat::chunk::{ChunkIndex, Chunking, Sha256Digest};
 use imgformat::delta::{
     apply_with, ApplyOptions, DeltaHeader, DeltaWriter, Extent, Patch, PatchBuilder, MAX_EXTENTS,
-    MAX_PATCH_LEN,
+    MAX_PATCH_BUFFER,
 };
 
 pub use imgformat::chunk::{chunks_missing, ChunkSource, FetchPlan};
@@ -40,10 +40,8 @@ const MAX_PIECE: u64 = 64 << 20;
 /// Options of [`make_delta`].
 #[derive(Debug, Clone)]
 pub struct DeltaOptions {
-    /// zstd level for literals and the new bytes of patches.
+    /// zstd level of the delta's op stream.
     pub level: i32,
-    /// zstd level for the control and diff streams of patches (long, mostly zeros).
-    pub diff_level: i32,
     /// Run the file-level stage (needs two ext4 images; silently off otherwise).
     pub file_diff: bool,
     /// Apply the written delta to the old image and check the result's hash.
@@ -54,7 +52,6 @@ impl Default for DeltaOptions {
     fn default() -> Self {
         Self {
             level: 19,
-            diff_level: 9,
             file_diff: true,
             verify: true,
         }
@@ -72,7 +69,7 @@ pub struct DeltaStats {
     pub zeroed: u64,
     pub literal: u64,
     pub file_diff: u64,
-    /// Compressed patch bytes of all `FileDiff` ops.
+    /// Uncompressed patch bytes (controls, extra and diff bytes) of all `FileDiff` ops.
     pub patch_bytes: u64,
     /// Pieces whose patch was dropped for literal data (no better than compression).
     pub patches_dropped: u64,
@@ -211,8 +208,8 @@ fn plan_pieces(old: &[u8], new: &[u8], bs: u64) -> Result<Vec<Piece>> {
 }
 
 /// bsdiff-style patch turning `reference` into `data`.
-fn diff_patch(reference: &[u8], data: &[u8], opts: &DeltaOptions) -> Result<Patch> {
-    let mut pb = PatchBuilder::with_levels(opts.diff_level, opts.level)?;
+fn diff_patch(reference: &[u8], data: &[u8]) -> Result<Patch> {
+    let mut pb = PatchBuilder::new();
     let mut old_pos: i64 = 0;
     let mut new_pos: usize = 0;
     let mut diff = Vec::new();
@@ -223,7 +220,7 @@ fn diff_patch(reference: &[u8], data: &[u8], opts: &DeltaOptions) -> Result<Patc
             return Err(bad());
         }
         if m.add_new_start > new_pos {
-            pb.push(0, &[], data.get(new_pos..m.add_new_start).ok_or_else(bad)?)?;
+            pb.push(0, &[], data.get(new_pos..m.add_new_start).ok_or_else(bad)?);
         }
         let n = data
             .get(m.add_new_start..m.add_new_start + m.add_length)
@@ -234,15 +231,34 @@ fn diff_patch(reference: &[u8], data: &[u8], opts: &DeltaOptions) -> Result<Patc
         diff.clear();
         diff.extend(n.iter().zip(o).map(|(n, o)| n.wrapping_sub(*o)));
         let extra = data.get(m.copy_start()..m.copy_end).ok_or_else(bad)?;
-        pb.push(m.add_old_start as i64 - old_pos, &diff, extra)?;
+        pb.push(m.add_old_start as i64 - old_pos, &diff, extra);
         old_pos = (m.add_old_start + m.add_length) as i64;
         new_pos = m.copy_end;
         Ok(())
     })?;
     if new_pos < data.len() {
-        pb.push(0, &[], &data[new_pos..])?;
+        pb.push(0, &[], &data[new_pos..]);
     }
-    Ok(pb.finish()?)
+    Ok(pb.finish())
+}
+
+/// Size of `parts`, concatenated, compressed at zstd level 3 (an estimate of their cost).
+fn compressed_len(parts: &[&[u8]]) -> io::Result<u64> {
+    struct Count(u64);
+    impl io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut enc = zstd::stream::write::Encoder::new(Count(0), 3)?;
+    for p in parts {
+        io::Write::write_all(&mut enc, p)?;
+    }
+    Ok(enc.finish()?.0)
 }
 
 fn block_hash(b: &[u8]) -> u64 {
@@ -395,16 +411,20 @@ pub fn make_delta(old: &Path, new: &Path, out: &Path, opts: &DeltaOptions) -> Re
                 reference_buf
                     .extend_from_slice(&old_img[e.offset as usize..(e.offset + e.len) as usize]);
             }
-            diff_patch(&reference_buf, data, opts).ok()
+            diff_patch(&reference_buf, data).ok()
         };
         // A patch against an unrelated old file is no better than literal data (compressed
-        // files, rewritten files): keep it only when clearly smaller than a fast
-        // compression of the piece, since literals get a higher level still.
+        // files, rewritten files): keep it only when a fast compression of it is clearly
+        // smaller than one of the piece (both end up in the same zstd stream).
         let worth_it = |patch: &Patch| -> bool {
-            patch.len() <= MAX_PATCH_LEN as usize
-                && zstd::bulk::compress(data, 3)
-                    .map(|c| (patch.len() as f64) < c.len() as f64 * 0.85)
-                    .unwrap_or(true)
+            patch.buffered_len() <= MAX_PATCH_BUFFER as usize
+                && match (
+                    compressed_len(&patch.stream_parts()),
+                    compressed_len(&[data]),
+                ) {
+                    (Ok(p), Ok(d)) => (p as f64) < d as f64 * 0.85,
+                    _ => true,
+                }
         };
         match patch {
             Some(patch) if worth_it(&patch) => {

@@ -326,9 +326,7 @@ mod tests {
             "1d",
         ])
         .unwrap();
-        let Cmd::Init(a) = cli.cmd else {
-            panic!("not init")
-        };
+        let Cmd::Init(a) = cli.cmd;
         assert_eq!(a.expiry.policy().timestamp, Duration::from_secs(86_400));
         assert_eq!(a.expiry.policy().snapshot, Duration::from_secs(30 * 86_400));
         assert!(Cli::try_parse_from(["x", "init", "--timestamp-expiry", "1y"]).is_err());
@@ -353,9 +351,7 @@ mod tests {
             "2",
         ])
         .unwrap();
-        let Cmd::Init(a) = cli.cmd else {
-            panic!("not init")
-        };
+        let Cmd::Init(a) = cli.cmd;
         let k = a.keys.role_keys().unwrap();
         assert_eq!(k.root.keys, vec![PathBuf::from("r1"), PathBuf::from("r2")]);
         assert_eq!(k.root.threshold.get(), 2);

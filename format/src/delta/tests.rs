@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 use super::*;
+use crate::chunk::Sha256Digest;
+use std::io;
 
 fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -34,11 +36,11 @@ fn simple_patch(reference: &[u8], new: &[u8]) -> Patch {
         .zip(&reference[..common])
         .map(|(n, o)| n.wrapping_sub(*o))
         .collect();
-    let mut b = PatchBuilder::new(3).unwrap();
+    let mut b = PatchBuilder::new();
     let half = common / 2;
-    b.push(0, &diff[..half], &[]).unwrap();
-    b.push(0, &diff[half..], &new[common..]).unwrap();
-    b.finish().unwrap()
+    b.push(0, &diff[..half], &[]);
+    b.push(0, &diff[half..], &new[common..]);
+    b.finish()
 }
 
 /// Source and target sharing moved blocks, a zero run, literals and one changed "file"
@@ -113,7 +115,7 @@ fn decoder_yields_the_ops_written() {
         kinds.push(match op {
             Op::CopySource { offset, len } => format!("copy {offset}+{len}"),
             Op::Zero { len } => format!("zero {len}"),
-            Op::Literal { raw_len, .. } => format!("literal {raw_len}"),
+            Op::Literal { data } => format!("literal {}", data.len()),
             Op::FileDiff { out_len, .. } => format!("diff {out_len}"),
         });
     }
@@ -191,7 +193,7 @@ fn raw_delta(ops: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let source = vec![7u8; 100];
     let target = vec![7u8; 100];
     let mut d = header(&source, &target).encode().to_vec();
-    d.extend_from_slice(ops);
+    d.extend_from_slice(&zstd::bulk::compress(ops, 1).unwrap());
     (source, d)
 }
 
@@ -204,7 +206,7 @@ fn apply_raw(ops: &[u8]) -> Result<ApplyStats, DeltaError> {
 fn unknown_op_is_rejected() {
     let r = apply_raw(&[0x7f]);
     assert!(
-        matches!(r, Err(DeltaError::UnknownOp { tag: 0x7f, at: 96 })),
+        matches!(r, Err(DeltaError::UnknownOp { tag: 0x7f, at: 0 })),
         "{r:?}"
     );
 }
@@ -222,11 +224,6 @@ fn overlong_lengths_are_rejected_before_allocating() {
             ..
         })
     ));
-    // Literal with a compressed length over the cap.
-    let mut op = vec![TAG_LITERAL];
-    op.extend_from_slice(&10u32.to_le_bytes());
-    op.extend_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(apply_raw(&op), Err(DeltaError::OverCap { .. })));
     // FileDiff with too many extents.
     let mut op = vec![TAG_FILE_DIFF];
     op.extend_from_slice(&u32::MAX.to_le_bytes());
@@ -237,17 +234,16 @@ fn overlong_lengths_are_rejected_before_allocating() {
             ..
         })
     ));
-    // FileDiff with patch streams over the cap.
+    // FileDiff whose controls and extra bytes are over the cap.
     let mut op = vec![TAG_FILE_DIFF];
     op.extend_from_slice(&0u32.to_le_bytes());
     op.extend_from_slice(&50u64.to_le_bytes());
-    op.extend_from_slice(&(MAX_PATCH_LEN).to_le_bytes());
-    op.extend_from_slice(&1u32.to_le_bytes());
-    op.extend_from_slice(&0u32.to_le_bytes());
+    op.extend_from_slice(&(MAX_PATCH_BUFFER / 24).to_le_bytes());
+    op.extend_from_slice(&(MAX_PATCH_BUFFER % 24 + 1).to_le_bytes());
     assert!(matches!(
         apply_raw(&op),
         Err(DeltaError::OverCap {
-            what: "patch length",
+            what: "patch controls and extra bytes",
             ..
         })
     ));
@@ -320,77 +316,110 @@ fn unverified_wrong_source_still_fails_the_target_hash() {
 }
 
 #[test]
-fn corrupt_literal_is_a_typed_error() {
+fn corrupt_op_stream_is_a_typed_error() {
     let source = vec![1u8; 10];
     let target = pseudo_random(1000, 9);
     let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 3).unwrap();
     w.literal(&target).unwrap();
     let mut delta = w.finish().unwrap();
-    // Flip every byte of the compressed payload in turn: each result is an error, never a
-    // panic (a flip zstd does not notice is caught by the target hash).
-    for i in HEADER_LEN + 9..delta.len() - 1 {
+    // Flip every byte of the compressed op stream in turn: each result is an error, never
+    // a panic, and never a target.
+    let mut corrupt = 0;
+    for i in HEADER_LEN..delta.len() {
         delta[i] ^= 0xff;
-        let r = apply(io::Cursor::new(&source), &delta[..], Vec::new());
-        assert!(
-            matches!(
-                r,
-                Err(DeltaError::Corrupt { .. } | DeltaError::TargetHash { .. })
-            ),
-            "flip at {i}: {r:?}"
-        );
+        let mut out = Vec::new();
+        let r = apply(io::Cursor::new(&source), &delta[..], &mut out);
+        assert!(r.is_err(), "flip at {i} accepted");
+        if matches!(r, Err(DeltaError::Corrupt { .. })) {
+            corrupt += 1;
+        }
         delta[i] ^= 0xff;
     }
+    assert!(corrupt > 0);
+}
+
+/// A raw `FileDiff` op over source extent 0+4096 producing `out_len` bytes with these
+/// controls, extra bytes (count as declared) and diff bytes.
+fn raw_file_diff(
+    out_len: u64,
+    records: &[(i64, u64, u64)],
+    extra_len: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut op = vec![TAG_FILE_DIFF];
+    op.extend_from_slice(&1u32.to_le_bytes());
+    op.extend_from_slice(&0u64.to_le_bytes());
+    op.extend_from_slice(&4096u64.to_le_bytes());
+    op.extend_from_slice(&out_len.to_le_bytes());
+    op.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    op.extend_from_slice(&extra_len.to_le_bytes());
+    for (seek, add, copy) in records {
+        op.extend_from_slice(&seek.to_le_bytes());
+        op.extend_from_slice(&add.to_le_bytes());
+        op.extend_from_slice(&copy.to_le_bytes());
+    }
+    op.extend_from_slice(payload);
+    op
 }
 
 #[test]
 fn hostile_patches_are_typed_errors() {
     let source = pseudo_random(8192, 4);
     let target = source[..4096].to_vec();
-    let ext = [Extent {
-        offset: 0,
-        len: 4096,
-    }];
-    let cases: Vec<(i64, usize, usize, &str)> = vec![
-        (-1, 0, 0, "seek before start"),
-        (4097, 0, 0, "seek past end"),
-        (0, 4096, 1, "produces more"),
-        (0, 100, 0, "produces less"),
+    let run = |op: Vec<u8>| {
+        let mut d = header(&source, &target).encode().to_vec();
+        d.extend_from_slice(&zstd::bulk::compress(&op, 1).unwrap());
+        apply(io::Cursor::new(&source), &d[..], Vec::new())
+    };
+    type Controls = Vec<(i64, u64, u64)>;
+    let cases: Vec<(Controls, u32, &str)> = vec![
+        (vec![(-1, 4096, 0)], 0, "seek before start"),
+        (vec![(4097, 0, 4096)], 4096, "seek past end"),
+        (vec![(1, 4096, 0)], 0, "add past the reference"),
+        (vec![(0, 4096, 1)], 1, "produces more"),
+        (vec![(0, 100, 0)], 0, "produces less"),
+        (vec![(0, 0, 0), (0, 4096, 0)], 0, "produces nothing"),
+        (vec![(0, 4000, 96)], 95, "extra length differs"),
     ];
-    for (seek, add, extra, what) in cases {
-        let mut b = PatchBuilder::new(1).unwrap();
-        b.push(seek, &vec![0u8; add], &vec![0u8; extra]).unwrap();
-        let patch = b.finish().unwrap();
-        let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
-        w.file_diff(&ext, 4096, &patch).unwrap();
-        let delta = w.finish().unwrap();
-        let r = apply(io::Cursor::new(&source), &delta[..], Vec::new());
+    for (records, extra_len, what) in cases {
+        let r = run(raw_file_diff(4096, &records, extra_len, &[]));
         assert!(matches!(r, Err(DeltaError::BadOp { .. })), "{what}: {r:?}");
     }
-    // Diff stream shorter than the control says.
-    let mut b = PatchBuilder::new(1).unwrap();
-    b.push(0, &[0u8; 10], &[]).unwrap();
-    let mut patch = b.finish().unwrap();
-    let mut ctrl = Vec::new();
-    ctrl.extend_from_slice(&0i64.to_le_bytes());
-    ctrl.extend_from_slice(&4096u64.to_le_bytes());
-    ctrl.extend_from_slice(&0u64.to_le_bytes());
-    patch.ctrl = zstd::bulk::compress(&ctrl, 1).unwrap();
-    let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
-    w.file_diff(&ext, 4096, &patch).unwrap();
+    // Diff bytes missing: the op stream ends inside them.
+    let r = run(raw_file_diff(4096, &[(0, 4096, 0)], 0, &[0u8; 100]));
+    assert!(matches!(r, Err(DeltaError::Truncated { .. })), "{r:?}");
+    // A well-formed patch over the same op layout applies.
+    let mut op = raw_file_diff(4096, &[(0, 4000, 96)], 96, &source[4000..4096]);
+    op.extend_from_slice(&[0u8; 4000]);
+    op.push(TAG_END);
+    let mut out = Vec::new();
+    let mut d = header(&source, &target).encode().to_vec();
+    d.extend_from_slice(&zstd::bulk::compress(&op, 1).unwrap());
+    apply(io::Cursor::new(&source), &d[..], &mut out).unwrap();
+    assert_eq!(out, target);
+}
+
+#[test]
+fn empty_controls_fold_their_seek_into_the_next() {
+    let reference = pseudo_random(100, 12);
+    let mut b = PatchBuilder::new();
+    b.push(10, &[], &[]);
+    b.push(20, &[], &[]);
+    b.push(-5, &[0u8; 10], b"!");
+    let patch = b.finish();
+    assert_eq!(patch.ctrl.len(), CONTROL_LEN);
+    assert_eq!(i64::from_le_bytes(patch.ctrl[0..8].try_into().unwrap()), 25);
+    let target: Vec<u8> = reference[25..35].iter().chain(b"!").copied().collect();
+    let ext = [Extent {
+        offset: 0,
+        len: 100,
+    }];
+    let mut w = DeltaWriter::new(Vec::new(), header(&reference, &target), 1).unwrap();
+    w.file_diff(&ext, 11, &patch).unwrap();
     let delta = w.finish().unwrap();
-    let r = apply(io::Cursor::new(&source), &delta[..], Vec::new());
-    assert!(matches!(r, Err(DeltaError::Corrupt { .. })), "{r:?}");
-    // Garbage instead of zstd.
-    let patch = Patch {
-        ctrl: vec![1, 2, 3],
-        diff: vec![],
-        extra: vec![],
-    };
-    let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
-    w.file_diff(&ext, 4096, &patch).unwrap();
-    let delta = w.finish().unwrap();
-    let r = apply(io::Cursor::new(&source), &delta[..], Vec::new());
-    assert!(matches!(r, Err(DeltaError::Corrupt { .. })), "{r:?}");
+    let mut out = Vec::new();
+    apply(io::Cursor::new(&reference), &delta[..], &mut out).unwrap();
+    assert_eq!(out, target);
 }
 
 #[test]
@@ -403,6 +432,13 @@ fn writer_refuses_inconsistent_ops() {
         Err(DeltaError::SourceRange { .. })
     ));
     assert!(matches!(w.zero(101), Err(DeltaError::TargetOverrun { .. })));
+    let mut b = PatchBuilder::new();
+    b.push(0, &[0u8; 10], b"x");
+    let ext = [Extent { offset: 0, len: 10 }];
+    assert!(matches!(
+        w.file_diff(&ext, 12, &b.finish()),
+        Err(DeltaError::BadOp { .. })
+    ));
     w.zero(50).unwrap();
     assert!(matches!(w.finish(), Err(DeltaError::TargetShort { .. })));
 }
@@ -475,20 +511,20 @@ fn large_reference_with_back_and_forth_seeks() {
         (0, 500_000),
         (2 << 20, 700_000),
     ];
-    let mut b = PatchBuilder::new(1).unwrap();
+    let mut b = PatchBuilder::new();
     let mut target = Vec::new();
     let mut pos: i64 = 0;
     for (start, len) in spans {
         let mut diff = vec![0u8; len];
         diff[len / 2] = 1;
-        b.push(start as i64 - pos, &diff, b"x").unwrap();
+        b.push(start as i64 - pos, &diff, b"x");
         let mut piece = reference[start..start + len].to_vec();
         piece[len / 2] = piece[len / 2].wrapping_add(1);
         target.extend_from_slice(&piece);
         target.push(b'x');
         pos = (start + len) as i64;
     }
-    let patch = b.finish().unwrap();
+    let patch = b.finish();
     let mut w = DeltaWriter::new(Vec::new(), header(&source, &target), 1).unwrap();
     w.file_diff(&ext, target.len() as u64, &patch).unwrap();
     let delta = w.finish().unwrap();

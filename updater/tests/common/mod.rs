@@ -181,7 +181,6 @@ pub fn publish_third(channel: &Path, work: &Path) {
         &delta,
         &imgbuild::delta::DeltaOptions {
             level: 3,
-            diff_level: 3,
             file_diff: true,
             verify: false,
         },
@@ -217,7 +216,6 @@ pub fn base() -> &'static Base {
             &delta,
             &imgbuild::delta::DeltaOptions {
                 level: 3,
-                diff_level: 3,
                 file_diff: true,
                 verify: false,
             },
