@@ -55,7 +55,7 @@ pub struct PublishArgs {
     /// Publish a version older than the newest, making it the channel's max version.
     #[arg(long)]
     pub allow_downgrade: bool,
-    /// zstd level for the full image and the deltas' literal data.
+    /// zstd level for the chunk pack (the full image) and the deltas.
     #[arg(long, default_value = "19")]
     pub zstd_level: i32,
     /// Work directory for chunk index and deltas [default: OUT/.publish-VERSION].

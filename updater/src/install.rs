@@ -662,8 +662,18 @@ impl Updater {
         let source = self
             .disk
             .open_slot(self.running.slot, Some(header.source_size))?;
+        // The running slot is hashed by a second handle while the delta applies (the
+        // wall time is the larger of the two, not their sum); a wrong source is reported
+        // at the end, and its target could never pass the slot hash check anyway.
+        let mut source_copy = self
+            .disk
+            .open_slot(self.running.slot, Some(header.source_size))?;
+        source_copy
+            .seek(io::SeekFrom::Start(0))
+            .context("reading the running slot")?;
         let mut w = self.slot_writer(manifest.image.size, progress)?;
-        let stats = imgformat::delta::apply(source, open()?, &mut w)?;
+        let stats =
+            imgformat::delta::apply_concurrent_verify(source, source_copy, open()?, &mut w)?;
         report.seeded_bytes = stats.copied;
         w.finish()?;
         self.disk.sync()?;
