@@ -53,6 +53,11 @@ pub struct LockConfig {
     /// Namespace of the Lease objects (Kubernetes backend).
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// Kubernetes backend: a kubeconfig file (absolute path; its current context) with the
+    /// API server, its CA and the credentials, e.g. the kubelet's. Without it the
+    /// in-cluster service account is used (imgupdate deployed in a pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 fn default_namespace() -> String {
@@ -155,6 +160,12 @@ pub fn open_lock(
         id: identity.id.clone(),
         group: config.group.clone(),
     };
+    if config.kubeconfig.is_some() && config.backend != LockBackend::Kubernetes {
+        return Err(LockError::Protocol(format!(
+            "[lock] kubeconfig is for backend \"kubernetes\", not {:?}",
+            config.backend
+        )));
+    }
     let url = || {
         config.url.as_deref().ok_or_else(|| {
             LockError::Protocol(format!("[lock] backend {:?} needs url", config.backend))
@@ -177,10 +188,13 @@ pub fn open_lock(
             },
         )?)),
         LockBackend::Kubernetes => {
-            // The API server and credentials come from the in-cluster service account
-            // (imgupdate deployed with one); there is no kubeconfig parser yet.
-            let kube = crate::kube::KubeConfig::in_cluster()
-                .map_err(|e| LockError::Unreachable(format!("kubernetes lock: {e}")))?;
+            // The API server and credentials: the kubeconfig file when given (a node's
+            // daemon), else the in-cluster service account (imgupdate in a pod).
+            let kube = match &config.kubeconfig {
+                Some(path) => crate::kube::KubeConfig::from_kubeconfig_file(path),
+                None => crate::kube::KubeConfig::in_cluster(),
+            }
+            .map_err(|e| LockError::Unreachable(format!("kubernetes lock: {e}")))?;
             let client = crate::kube::KubeClient::new(&kube)
                 .map_err(|e| LockError::Unreachable(format!("kubernetes lock: {e}")))?;
             let slots = u32::try_from(config.slots)
@@ -283,6 +297,7 @@ mod tests {
             max_hold: default_max_hold(),
             request_timeout: default_request_timeout(),
             namespace: default_namespace(),
+            kubeconfig: None,
         };
         assert!(open_lock(
             &cfg(
@@ -304,5 +319,15 @@ mod tests {
         let mut zero = cfg(LockBackend::Etcd, Some("http://x"), "default");
         zero.slots = 0;
         assert!(open_lock(&zero, &id).is_err());
+        // A kubeconfig only means something to the Kubernetes backend.
+        let mut etcd_kc = cfg(LockBackend::Etcd, Some("http://127.0.0.1:1"), "default");
+        etcd_kc.kubeconfig = Some("/k.conf".into());
+        let err = open_lock(&etcd_kc, &id).err().unwrap().to_string();
+        assert!(err.contains("kubeconfig"), "{err}");
+        // The Kubernetes backend reads it (and names it when it is missing).
+        let mut kube = cfg(LockBackend::Kubernetes, None, "default");
+        kube.kubeconfig = Some("/nonexistent/kubelet.conf".into());
+        let err = open_lock(&kube, &id).err().unwrap().to_string();
+        assert!(err.contains("/nonexistent/kubelet.conf"), "{err}");
     }
 }

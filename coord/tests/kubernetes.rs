@@ -60,6 +60,41 @@ fn lock(client: &KubeClient, id: &str, slots: u32, secs: u64) -> LeaseLock {
     .unwrap()
 }
 
+/// `[lock] backend = "kubernetes"` with `kubeconfig`: a node's imgupdate takes the Lease
+/// lock with the credentials of a kubeconfig file (kubectl's form, CA in a file), through
+/// the same `open_lock` the updater calls.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "k8s tier: needs scripts/build-k8s"]
+async fn lease_lock_opened_from_a_kubeconfig_file() {
+    let (cp, client) = control_plane(false).await;
+    namespace(&client, "locks").await;
+    let mut config: imgcoord::config::LockConfig =
+        toml::from_str("backend = \"kubernetes\"\nnamespace = \"locks\"\ngroup = \"workers\"")
+            .unwrap();
+    config.kubeconfig = Some(cp.kubeconfig.clone());
+    let id = NodeIdentity {
+        id: "kc-node".into(),
+        group: "ignored".into(),
+    };
+    let l = imgcoord::config::open_lock(&config, &id).unwrap();
+    assert!(l.try_acquire().await.unwrap());
+    assert_eq!(l.holders().await.unwrap(), vec!["kc-node".to_string()]);
+    // Another node, same file, same group: the one slot is taken.
+    let other = imgcoord::config::open_lock(
+        &config,
+        &NodeIdentity {
+            id: "kc-other".into(),
+            group: "ignored".into(),
+        },
+    )
+    .unwrap();
+    assert!(!other.try_acquire().await.unwrap());
+    l.release().await.unwrap();
+    assert!(other.try_acquire().await.unwrap());
+    other.release().await.unwrap();
+    assert!(l.holders().await.unwrap().is_empty());
+}
+
 /// `clients` nodes contend for `slots` slots over several rounds: in every round exactly
 /// `min(slots, waiting)` win, and there are never more than `slots` holders.
 async fn contend(clients: usize, slots: u32) {

@@ -227,6 +227,19 @@ impl Config {
                 return Err(invalid("kubeconfig", "must be an absolute path"));
             }
         }
+        if let Some(lock) = &self.lock {
+            if let Some(k) = &lock.kubeconfig {
+                if lock.backend != imgcoord::config::LockBackend::Kubernetes {
+                    return Err(invalid(
+                        "kubeconfig",
+                        "[lock] kubeconfig needs backend = \"kubernetes\"",
+                    ));
+                }
+                if !k.is_absolute() {
+                    return Err(invalid("kubeconfig", "must be an absolute path"));
+                }
+            }
+        }
         if let (Some(pin), Some(max)) = (&self.pinned_version, &self.max_version) {
             if imgformat::release::compare_versions(pin, max) == std::cmp::Ordering::Greater {
                 return Err(invalid(
@@ -285,6 +298,33 @@ mod tests {
         let bad = format!("{MINIMAL}\n[drain]\nkubernets = true\n");
         let err = Config::parse(&bad, "test").unwrap_err().to_string();
         assert!(err.contains("kubernets"), "{err}");
+    }
+
+    #[test]
+    fn lock_kubeconfig_is_absolute_and_needs_the_kubernetes_backend() {
+        let text = format!(
+            "{MINIMAL}\n[lock]\nbackend = \"kubernetes\"\nkubeconfig = \"/etc/kubernetes/kubelet.conf\"\n"
+        );
+        let c = Config::parse(&text, "test").unwrap();
+        assert_eq!(
+            c.lock.unwrap().kubeconfig.as_deref(),
+            Some(Path::new("/etc/kubernetes/kubelet.conf"))
+        );
+        for (lock, why) in [
+            (
+                "backend = \"etcd\"\nurl = \"http://127.0.0.1:2379\"\nkubeconfig = \"/k.conf\"",
+                "backend = \"kubernetes\"",
+            ),
+            (
+                "backend = \"kubernetes\"\nkubeconfig = \"k.conf\"",
+                "absolute",
+            ),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}\n[lock]\n{lock}\n"), "c.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("kubeconfig") && err.contains(why), "{err}");
+        }
     }
 
     #[test]
