@@ -264,15 +264,22 @@ fn run_steps(
     // outputs
     let step = progress.step("outputs");
     let mut made: Vec<PathBuf> = Vec::new();
-    publish_file(&raw_tmp, &names.raw)?;
-    made.push(names.raw.clone());
+    // Every disk output is made from the raw disk; without `raw` in `formats` it stays
+    // in the work directory and goes with it.
+    let raw = if recipe.formats.contains(&Format::Raw) {
+        publish_file(&raw_tmp, &names.raw)?;
+        made.push(names.raw.clone());
+        names.raw.clone()
+    } else {
+        raw_tmp
+    };
     if recipe.formats.contains(&Format::Qcow2) {
         step.message("qemu-img convert -O qcow2");
         let tmp = work.join("disk.qcow2");
         run_logged(
             Command::new("qemu-img")
                 .args(["convert", "-f", "raw", "-O", "qcow2"])
-                .arg(&names.raw)
+                .arg(&raw)
                 .arg(&tmp),
             log,
             &step,
@@ -293,7 +300,7 @@ fn run_steps(
         let media = crate::installer::MediaInputs {
             stem: recipe.stem(),
             title: recipe.image.pretty_name.clone(),
-            raw: names.raw.clone(),
+            raw: raw.clone(),
             root_ext4: names.root.clone(),
             kernel: names.kernel.clone(),
             initrd: names.initrd.clone(),

@@ -154,9 +154,11 @@ pub fn fixture() -> &'static Fixture {
             let started = Instant::now();
             build_recipe_with(&path, &work.join(format!("out-{v}")), &Progress::new(true)).unwrap();
             eprintln!("built node {v} in {:.0}s", started.elapsed().as_secs_f64());
-            // Nodes boot the qcow2 and publishing reads the root image: the 2.4 GB raw
-            // disk is not needed.
-            let _ = fs::remove_file(work.join(format!("out-{v}/node-{v}.raw")));
+            // Nodes boot the qcow2 and publishing reads the root image: with `formats =
+            // ["qcow2"]` the 2.4 GB raw disk is not kept.
+            let out = work.join(format!("out-{v}"));
+            assert!(out.join(format!("node-{v}.qcow2")).is_file());
+            assert!(!out.join(format!("node-{v}.raw")).exists());
         }
         created.publish(V1);
         fs::write(&stamp_file, &stamp).unwrap();
