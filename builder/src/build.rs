@@ -400,31 +400,32 @@ fn run_steps(
 
 /// Host tools and privileges the build needs; checked before any work.
 fn preflight(recipe: &Recipe) -> Result<()> {
-    let mut missing = Vec::new();
-    let mut tools = vec![
-        ("mmdebstrap", "mmdebstrap"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("systemctl", "systemd"),
-        ("dpkg-query", "dpkg"),
+    // Rows of `imgbuild doctor`'s table, so both name the same packages.
+    let mut names = vec![
+        "mmdebstrap",
+        "mkfs.ext4",
+        "debugfs",
+        "systemctl",
+        "dpkg-query",
     ];
     if recipe.formats.contains(&Format::Qcow2) {
-        tools.push(("qemu-img", "qemu-utils"));
+        names.push("qemu-img");
     }
     if recipe.formats.contains(&Format::Iso) {
-        tools.push(("xorriso", "xorriso"));
+        names.push("xorriso");
     }
-    if recipe.formats.contains(&Format::Iso) || recipe.formats.contains(&Format::Pxe) {
-        tools.push(("debugfs", "e2fsprogs"));
+    if recipe.update.is_some() {
+        names.push("strip");
     }
-    for (tool, package) in tools {
-        if find_in_path(tool).is_none() {
-            missing.push((tool, package));
-        }
-    }
+    let missing = crate::doctor::missing(&names, &crate::doctor::Host::current());
     if !missing.is_empty() {
-        let tools: Vec<&str> = missing.iter().map(|m| m.0).collect();
-        let mut packages: Vec<&str> = missing.iter().map(|m| m.1).collect();
-        packages.dedup();
+        let tools: Vec<&str> = missing.iter().map(|r| r.name).collect();
+        let mut packages: Vec<&str> = Vec::new();
+        for r in &missing {
+            if !packages.contains(&r.package) {
+                packages.push(r.package);
+            }
+        }
         bail!(
             "missing host tools: {}; install them with: apt-get install -y {}",
             tools.join(", "),

@@ -77,8 +77,20 @@ pub const REQUIREMENTS: &[Requirement] = &[
     program(
         "debugfs",
         "e2fsprogs",
-        "read file extents for deltas",
+        "normalise ext4 timestamps, read installer payloads",
         &["-V"],
+    ),
+    program(
+        "systemctl",
+        "systemd",
+        "enable units in the image (--root)",
+        &["--version"],
+    ),
+    program(
+        "dpkg-query",
+        "dpkg",
+        "list the image's packages",
+        &["--version"],
     ),
     program(
         "sfdisk",
@@ -194,6 +206,22 @@ fn locate(req: &Requirement, host: &Host) -> Option<PathBuf> {
         Probe::File(p) => Some(host.under(p)).filter(|p| p.is_file()),
         Probe::Ovmf => imgqemu::firmware_under(&host.root).ok().map(|o| o.code),
     }
+}
+
+/// The requirements among `names` (names of [`REQUIREMENTS`] rows) that `host` lacks,
+/// in table order. `imgbuild build` checks the ones its recipe needs before any work.
+pub fn missing(names: &[&str], host: &Host) -> Vec<Requirement> {
+    debug_assert!(
+        names
+            .iter()
+            .all(|n| REQUIREMENTS.iter().any(|r| r.name == *n)),
+        "{names:?} names a requirement not in the table"
+    );
+    REQUIREMENTS
+        .iter()
+        .filter(|r| names.contains(&r.name) && locate(r, host).is_none())
+        .copied()
+        .collect()
 }
 
 /// The Debian packages providing the missing requirements, once each, in table order.
@@ -369,8 +397,8 @@ mod tests {
         assert!(checks.iter().all(Check::is_missing));
         assert_eq!(
             apt_install_line(&checks).expect("something missing"),
-            "apt-get install -y mmdebstrap e2fsprogs fdisk zstd xorriso binutils \
-             qemu-utils qemu-system-x86 ovmf systemd-boot-efi etcd-server dbus-daemon"
+            "apt-get install -y mmdebstrap e2fsprogs systemd dpkg fdisk zstd xorriso \
+             binutils qemu-utils qemu-system-x86 ovmf systemd-boot-efi etcd-server dbus-daemon"
         );
     }
 
@@ -385,6 +413,8 @@ mod tests {
             "strip",
             "qemu-img",
             "qemu-system-x86_64",
+            "systemctl",
+            "dpkg-query",
         ] {
             exe(&bin, name);
         }
@@ -412,6 +442,12 @@ mod tests {
             .find(|c| c.requirement.name == "mkfs.ext4")
             .expect("row");
         assert_eq!(mkfs.found, Some(host.root.join("usr/sbin/mkfs.ext4")));
+        // What a build checks: only the rows it names.
+        let names: Vec<&str> = super::missing(&["mkfs.ext4", "debugfs", "zstd"], &host)
+            .iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["debugfs"]);
     }
 
     #[test]
