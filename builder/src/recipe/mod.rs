@@ -18,10 +18,11 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+mod syntax;
 mod update;
 mod validate;
+pub use syntax::{parse_size, url_file_name};
 pub use update::{UpdateSection, IMAGE_ROOT_JSON};
-pub use validate::{parse_size, url_file_name};
 use validate::Validator;
 
 /// Packages every image needs for the builder's own contract (boot, slots, /var).
