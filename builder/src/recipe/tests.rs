@@ -81,8 +81,8 @@ formats = ["qcow2"]
     assert_eq!(r.disk.var_size, 1024 * MIB);
     assert_eq!(
         r.formats,
-        vec![Format::Raw, Format::Qcow2],
-        "raw is always made"
+        vec![Format::Qcow2],
+        "raw is kept only when listed"
     );
     assert_eq!(r.image.source_date_epoch, Some(1_700_000_000));
 }
@@ -92,7 +92,7 @@ fn install_media_formats() {
     let r =
         parse("[image]\nname = \"x\"\nversion = \"1\"\n[output]\nformats = [\"pxe\", \"iso\"]\n")
             .unwrap();
-    assert_eq!(r.formats, vec![Format::Raw, Format::Iso, Format::Pxe]);
+    assert_eq!(r.formats, vec![Format::Iso, Format::Pxe]);
     assert_eq!(Format::Iso.to_string(), "iso");
     assert_eq!(Format::Pxe.extension(), "pxe");
 }

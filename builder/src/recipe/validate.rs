@@ -624,10 +624,8 @@ impl Validator<'_> {
         }
         out.sort();
         out.dedup();
-        // The raw disk is what everything else is made from.
-        if !out.contains(&Format::Raw) {
-            out.insert(0, Format::Raw);
-        }
+        // (The raw disk is always made, every disk output comes from it; `raw` here only
+        // says whether it is kept.)
         Ok(out)
     }
 }
