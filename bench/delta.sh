@@ -9,7 +9,8 @@
 # (defaults: $BENCH_DIR/old and new if they exist), feed the OSTree static delta reference.
 # Environment: WORK (scratch dir, default: mktemp under /tmp), SKIP_SLOW=1 skips the
 # zstd -19 full-image and --patch-from figures (tens of minutes on 2 busy cores; ZSTD_THREADS
-# sets zstd -T, default 1).
+# sets zstd -T, default 1); APPLY_ONLY=1 makes our delta and prints only the apply table (for
+# a timing run on an otherwise idle machine).
 # It prints figures and never asserts speed.
 set -euo pipefail
 
@@ -42,6 +43,9 @@ time_v() {
 IMG_SIZE=$(size "$NEW")
 declare -A R
 
+if [ "${APPLY_ONLY:-0}" = 1 ]; then
+    SKIP_SLOW=1
+fi
 if [ "${SKIP_SLOW:-0}" != 1 ]; then
     echo "# zstd -19 (full image)" >&2
     zstd -q -19 -T"${ZSTD_THREADS:-1}" -c "$NEW" > "$WORK/full.zst"
@@ -54,12 +58,14 @@ if [ "${SKIP_SLOW:-0}" != 1 ]; then
     rm -f "$WORK/full.zst" "$WORK/patch.zst"
 fi
 
-echo "# xdelta3 -9" >&2
-xdelta3 -9 -f -e -s "$OLD" "$NEW" "$WORK/x.vcdiff"
-R[xdelta]=$(size "$WORK/x.vcdiff")
-rm -f "$WORK/x.vcdiff"
+if [ "${APPLY_ONLY:-0}" != 1 ]; then
+    echo "# xdelta3 -9" >&2
+    xdelta3 -9 -f -e -s "$OLD" "$NEW" "$WORK/x.vcdiff"
+    R[xdelta]=$(size "$WORK/x.vcdiff")
+    rm -f "$WORK/x.vcdiff"
+fi
 
-if [ -d "$OLD_TREE" ] && [ -d "$NEW_TREE" ]; then
+if [ "${APPLY_ONLY:-0}" != 1 ] && [ -d "$OLD_TREE" ] && [ -d "$NEW_TREE" ]; then
     echo "# OSTree static delta" >&2
     rm -rf "$WORK/repo"
     ostree init --repo="$WORK/repo" --mode=archive
@@ -84,9 +90,11 @@ read -r s rss < <(time_v "$TOOL" make "$OLD" "$NEW" "$WORK/ours.delta")
 MAKE=$(cat "$WORK/cmd.out")
 R[ours]=$(size "$WORK/ours.delta")
 R[make]="$s s, max RSS $((rss / 1024)) MiB"
-"$TOOL" make "$OLD" "$NEW" "$WORK/blocks.delta" --no-file-diff > "$WORK/blocks.txt"
-R[blocks]=$(size "$WORK/blocks.delta")
-rm -f "$WORK/blocks.delta"
+if [ "${APPLY_ONLY:-0}" != 1 ]; then
+    "$TOOL" make "$OLD" "$NEW" "$WORK/blocks.delta" --no-file-diff > "$WORK/blocks.txt"
+    R[blocks]=$(size "$WORK/blocks.delta")
+    rm -f "$WORK/blocks.delta"
+fi
 
 echo "# apply vs dd (same target file, warm page cache for both)" >&2
 apply_row() { # label, extra args
@@ -118,12 +126,14 @@ ROWS=$(dd_row "dd bs=1M"
        apply_row "apply (source hashed concurrently)" --concurrent-verify
        apply_row "apply (source pre-verified)" --no-verify-source
        dd_row "dd bs=1M conv=fsync" conv=fsync
-       apply_row "apply (verify source) + fsync" --fsync)
+       apply_row "apply (verify source) + fsync" --fsync
+       apply_row "apply (hashed concurrently) + fsync" --concurrent-verify --fsync)
 rm -f "$WORK/target.img"
 
 echo
 echo "Images: $OLD -> $NEW ($(mb "$IMG_SIZE") each)"
 echo
+if [ "${APPLY_ONLY:-0}" != 1 ]; then
 printf '%-44s %s\n' "what" "size"
 printf '%-44s %s\n' "full image, zstd -19" "${R[full]:+$(mb "${R[full]}")}"
 printf '%-44s %s\n' "zstd -19 --long=31 --patch-from" "${R[patch]:+$(mb "${R[patch]}")}${R[patch_apply]:+  (apply: ${R[patch_apply]})}"
@@ -134,6 +144,7 @@ printf '%-44s %s\n' "ours (file diffs + blocks)" "$(mb "${R[ours]}")  (make: ${R
 echo "  block level: $(cat "$WORK/blocks.txt")"
 echo "  file level:  $MAKE"
 echo
+fi
 printf '%-34s %-10s %-12s %-14s %s\n' "apply" "time" "throughput" "max RSS" "peak anon RSS"
 echo "$ROWS" | while IFS='|' read -r a b c d e; do
     printf '%-34s %-10s %-12s %-14s %s\n' "$a" "$b" "$c" "$d" "$e"
