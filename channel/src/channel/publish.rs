@@ -57,17 +57,7 @@ pub fn publish(
     release: &ReleaseInput,
     expiry: &ExpiryPolicy,
 ) -> Result<Published, PublishError> {
-    check_name("image name", &release.name)?;
-    check_name("version", &release.version)?;
-    for d in &release.deltas {
-        check_name("delta source version", &d.from_version)?;
-    }
-    let layout = Layout::new(dir);
-    let _lock = layout.lock()?;
-    let (_, root_path) = layout.latest_root()?;
-    runtime()?.block_on(publish_async(
-        &layout, &root_path, keys, release, None, expiry,
-    ))
+    publish_with(dir, keys, release, None, expiry)
 }
 
 /// As [`publish`], with the image already compressed: `pack` (a chunk pack, see
@@ -81,6 +71,16 @@ pub fn publish_packed(
     pack: &Path,
     expiry: &ExpiryPolicy,
 ) -> Result<Published, PublishError> {
+    publish_with(dir, keys, release, Some(pack), expiry)
+}
+
+fn publish_with(
+    dir: &Path,
+    keys: &SigningKeys,
+    release: &ReleaseInput,
+    pack: Option<&Path>,
+    expiry: &ExpiryPolicy,
+) -> Result<Published, PublishError> {
     check_name("image name", &release.name)?;
     check_name("version", &release.version)?;
     for d in &release.deltas {
@@ -90,12 +90,7 @@ pub fn publish_packed(
     let _lock = layout.lock()?;
     let (_, root_path) = layout.latest_root()?;
     runtime()?.block_on(publish_async(
-        &layout,
-        &root_path,
-        keys,
-        release,
-        Some(pack),
-        expiry,
+        &layout, &root_path, keys, release, pack, expiry,
     ))
 }
 
