@@ -166,7 +166,8 @@ where
     D: Read,
     T: Write,
 {
-    let mut reader = DeltaReader::new(io::BufReader::with_capacity(256 << 10, delta))?;
+    // The reader buffers the delta file itself (under its zstd decoder).
+    let mut reader = DeltaReader::new(delta)?;
     let header = *reader.header();
     let actual = source.seek(SeekFrom::End(0))?;
     if actual != header.source_size {
