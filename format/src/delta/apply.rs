@@ -13,6 +13,8 @@ const IO_BUF: usize = 1 << 20;
 const PATCH_BUF: usize = 256 << 10;
 /// References up to this size are cached whole while their patch applies.
 const SMALL_REFERENCE: u64 = 4 << 20;
+// A patch's reference and diff pieces share the I/O buffer.
+const _: () = assert!(IO_BUF >= 2 * PATCH_BUF);
 
 /// What [`apply_with`] checks besides the target hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +85,7 @@ where
             Err(e) => return Err(e.into()),
         }
     }
-    let header = *DeltaReader::new(&head[..got])?.header();
+    let header = super::read::read_header(&mut &head[..got])?;
     std::thread::scope(|scope| {
         let hasher = scope.spawn(move || hash_all(source_copy));
         let applied = apply_with(
@@ -234,7 +236,12 @@ where
                 extra,
             } => {
                 let mut reference = Reference::new(&mut source, &source_extents);
-                apply_patch(&mut reference, &records, &extra, &mut reader, &mut sink, at)?;
+                let patch = Patch {
+                    records: &records,
+                    extra: &extra,
+                    at,
+                };
+                apply_patch(&mut reference, patch, &mut reader, &mut sink, &mut buf)?;
                 stats.file_diff += out_len;
             }
         }
@@ -333,18 +340,27 @@ impl<'a, S: Read + Seek> Reference<'a, S> {
     }
 }
 
+/// The buffered part of one `FileDiff` op and where it starts in the op stream.
+struct Patch<'a> {
+    records: &'a [Record],
+    extra: &'a [u8],
+    at: u64,
+}
+
 /// Apply one patch: each record's add bytes (reference plus the streamed diff bytes), then
 /// its copy bytes from `extra`. The reader validated every record against the reference.
+/// `scratch` (the applier's I/O buffer, at least 2 × `PATCH_BUF`) holds the reference and
+/// diff pieces, so no op allocates.
 fn apply_patch<S: Read + Seek, R: Read, T: Write>(
     reference: &mut Reference<'_, S>,
-    records: &[Record],
-    extra: &[u8],
+    patch: Patch<'_>,
     reader: &mut DeltaReader<R>,
     sink: &mut TargetSink<T>,
-    at: u64,
+    scratch: &mut [u8],
 ) -> Result<(), DeltaError> {
-    let mut a = vec![0u8; PATCH_BUF];
-    let mut b = vec![0u8; PATCH_BUF];
+    let Patch { records, extra, at } = patch;
+    let (a, rest) = scratch.split_at_mut(PATCH_BUF);
+    let b = &mut rest[..PATCH_BUF];
     let mut xp = 0usize;
     for rec in records {
         let mut pos = rec.ref_pos;

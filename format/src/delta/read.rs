@@ -68,7 +68,7 @@ impl<R: Read> std::fmt::Debug for DeltaReader<R> {
     }
 }
 
-fn read_header(input: &mut impl Read) -> Result<DeltaHeader, DeltaError> {
+pub(super) fn read_header(input: &mut impl Read) -> Result<DeltaHeader, DeltaError> {
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
     // Read the magic first so a short non-delta file reports BadMagic only when the bytes
